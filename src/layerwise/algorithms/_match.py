@@ -1,0 +1,154 @@
+"""Row matching under a scale group: find ``perm, s`` with ``B[j] = s[j] * A[perm[j]]``.
+
+This is the identification step of a dense layer (THEORY section 3): rows of ``A = [W | b]`` against rows of the
+transformed ``B = [W k | W c + b]``. Exact path, O(n log n) in the number of rows plus O(n d) arithmetic:
+canonicalize each row under the scale group, project onto a few fixed random directions, sort by the first
+projection, pick the nearest candidate in a small window by all projections, and verify on the full rows. Rows that
+do not verify (or collide) fall back to a linear assignment on the residual cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+_N_PROJ = 8
+_WINDOW = 4
+
+
+def _directions(d: int, k: int, device, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(d, k, generator=gen, dtype=torch.float64).to(device)
+
+
+def canonical_rows(rows: torch.Tensor, scales: str, probe: torch.Tensor) -> torch.Tensor:
+    """Representative of each row's orbit under the scale group (norm and/or sign removed)."""
+    if scales == "one":
+        return rows
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    sign = torch.where((rows @ probe).reshape(-1) >= 0, 1.0, -1.0).to(rows.dtype)[:, None]
+    if scales == "sign":
+        return rows * sign
+    if scales == "positive":
+        return rows / norms
+    if scales == "nonzero":
+        return rows * sign / norms
+    raise ValueError(f"unknown scale group {scales!r}")
+
+
+def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
+    """Row-wise factor ``s`` in the scale group minimizing ``|b - s a|``."""
+    dot = (a * b).sum(1)
+    if scales == "one":
+        return torch.ones_like(dot)
+    if scales == "sign":
+        return torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)
+    s = dot / (a * a).sum(1).clamp_min(1e-300)
+    if scales == "positive":
+        return s.clamp_min(1e-300)
+    return torch.where(s == 0, 1e-300, s)
+
+
+def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Relative row residual ``|b - s a| / max(|b|, |s a|)``."""
+    err = (b - s[:, None] * a).norm(dim=1)
+    den = torch.maximum(b.norm(dim=1), (s[:, None] * a).norm(dim=1)).clamp_min(1e-300)
+    return err / den
+
+
+def _cost(a: torch.Tensor, b: torch.Tensor, scales: str) -> np.ndarray:
+    """Relative residual of every row of ``b`` against every row of ``a`` under the best allowed scale."""
+    gram = b @ a.T
+    na2 = (a * a).sum(1)[None, :]
+    nb2 = (b * b).sum(1)[:, None]
+    if scales == "one":
+        res2 = nb2 + na2 - 2 * gram
+    elif scales == "sign":
+        res2 = nb2 + na2 - 2 * gram.abs()
+    elif scales == "positive":
+        res2 = nb2 - gram.clamp_min(0) ** 2 / na2.clamp_min(1e-300)
+    else:
+        res2 = nb2 - gram**2 / na2.clamp_min(1e-300)
+    den = nb2 if scales in ("positive", "nonzero") else torch.maximum(nb2, na2)
+    return (res2.clamp_min(0) / den.clamp_min(1e-300)).sqrt().cpu().numpy()
+
+
+@dataclass
+class RowMatch:
+    """``B[j] ~ scale[j] * A[perm[j]]`` with relative residual ``residual[j]``."""
+
+    perm: torch.Tensor
+    scale: torch.Tensor
+    residual: torch.Tensor
+    n_fallback: int  # rows that needed the assignment fallback
+
+    @property
+    def worst(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+
+def match_rows(
+    A: torch.Tensor, B: torch.Tensor, scales: str, tol: float, *, max_assignment: int = 4096, seed: int = 0
+) -> RowMatch:
+    """Match rows of ``B`` to rows of ``A`` under the scale group ``scales``.
+
+    Args:
+        A, B: ``(n, d)`` float64 tensors.
+        scales: ``"one" | "sign" | "positive" | "nonzero"``.
+        tol: rows whose nearest candidate has relative residual above ``tol`` go to the fallback.
+        max_assignment: the fallback solves a linear assignment when at most this many rows are left;
+            beyond that (a network far from equivariant) the rest are paired in key order, which is cheap
+            and still gives an honest, large residual.
+    """
+    n, d = A.shape
+    device = A.device
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return RowMatch(torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0)
+    dirs = _directions(d, _N_PROJ + 1, device, seed)
+    probe, proj = dirs[:, :1], dirs[:, 1:]
+    ka = canonical_rows(A, scales, probe) @ proj
+    kb = canonical_rows(B, scales, probe) @ proj
+    order = torch.argsort(ka[:, 0])
+    sorted_keys = ka[order, 0].contiguous()
+    pos = torch.searchsorted(sorted_keys, kb[:, 0].contiguous())
+    offsets = torch.arange(-_WINDOW, _WINDOW, device=device)
+    cand = order[(pos[:, None] + offsets[None, :]).clamp(0, n - 1)]  # (n, 2w)
+    dist = (kb[:, None, :] - ka[cand]).norm(dim=2)
+    choice = cand[torch.arange(n, device=device), dist.argmin(1)]
+    s = best_scale(A[choice], B, scales)
+    res = row_residual(A[choice], B, s)
+
+    ok = res <= tol
+    # A row of A may be chosen twice; keep the best claim, send the others to the fallback.
+    claim = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
+    claim.scatter_reduce_(0, choice[ok], res[ok], reduce="amin")
+    ok &= res <= claim[choice]
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    ok_idx = torch.nonzero(ok).flatten()
+    # ties (equal residuals) could still double-claim: keep the first
+    first = torch.full((n,), n, dtype=torch.long, device=device)
+    first.scatter_reduce_(0, choice[ok_idx], ok_idx, reduce="amin")
+    ok[ok_idx] = first[choice[ok_idx]] == ok_idx
+    taken[choice[ok]] = True
+
+    perm = torch.where(ok, choice, -1)
+    rows_b = torch.nonzero(~ok).flatten()
+    rows_a = torch.nonzero(~taken).flatten()
+    n_fb = int(rows_b.numel())
+    if n_fb:
+        if n_fb <= max_assignment:
+            cost = _cost(A[rows_a], B[rows_b], scales)
+            r, c = linear_sum_assignment(cost)
+            perm[rows_b[torch.as_tensor(r, device=device)]] = rows_a[torch.as_tensor(c, device=device)]
+        else:
+            rb = rows_b[torch.argsort(kb[rows_b, 0])]
+            ra = rows_a[torch.argsort(ka[rows_a, 0])]
+            perm[rb] = ra
+        s_fb = best_scale(A[perm[rows_b]], B[rows_b], scales)
+        s[rows_b] = s_fb
+        res[rows_b] = row_residual(A[perm[rows_b]], B[rows_b], s_fb)
+    return RowMatch(perm, s, res, n_fb)

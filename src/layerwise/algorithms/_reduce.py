@@ -1,0 +1,159 @@
+"""Reduction to the identifiable submodel (THEORY section 4), keeping the end-to-end function.
+
+Per hidden layer, until nothing changes anywhere: (a) remove units whose outgoing weights are zero; (b) fold units
+whose incoming weights are zero (constants ``sigma(b_j)``) into the next bias; (c) merge units whose incoming rows
+``[W | b]`` agree up to an allowed factor ``s``: ``sigma(s u) = mult(s) sigma(u) + offset(s)``, so the duplicate's
+outgoing column is added to the kept unit's with factor ``mult(s)`` and ``offset(s)`` goes into the next bias.
+Linear-bypass pairs (opposite rows, ``sigma(x) - sigma(-x) = c x``) are detected and reported, not removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layers import DenseNet
+from ._match import _N_PROJ, _WINDOW, _directions, best_scale, canonical_rows, row_residual
+
+
+@dataclass
+class LayerReduction:
+    """What happened to one hidden layer; unit indices refer to the original layer."""
+
+    width_before: int
+    width_after: int = 0
+    dead: list[int] = field(default_factory=list)
+    constant: list[int] = field(default_factory=list)
+    merged: list[tuple[int, int]] = field(default_factory=list)  # (removed unit, kept unit)
+    kept: list[int] = field(default_factory=list)  # original index of each unit of the reduced layer
+    bypass: list[tuple[int, int]] = field(default_factory=list)  # pairs in the reduced layer's numbering
+
+    def summary(self) -> str:
+        parts = [f"{self.width_before} -> {self.width_after} units"]
+        if self.dead:
+            parts.append(f"{len(self.dead)} dead removed")
+        if self.constant:
+            parts.append(f"{len(self.constant)} constant folded into the next bias")
+        if self.merged:
+            parts.append(f"{len(self.merged)} duplicates merged")
+        if self.bypass:
+            parts.append(f"{len(self.bypass)} linear-bypass pairs")
+        return ", ".join(parts)
+
+
+def _near_pairs(rows: torch.Tensor, scales: str, tol: float) -> list[tuple[int, int, float]]:
+    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys."""
+    n, d = rows.shape
+    if n < 2:
+        return []
+    dirs = _directions(d, _N_PROJ + 1, rows.device, seed=1)
+    keys = canonical_rows(rows, scales, dirs[:, :1]) @ dirs[:, 1:]
+    order = torch.argsort(keys[:, 0])
+    pairs = []
+    for off in range(1, min(2 * _WINDOW, n - 1) + 1):
+        j, k = order[off:], order[:-off]
+        s = best_scale(rows[k], rows[j], scales)
+        res = row_residual(rows[k], rows[j], s)
+        for idx in torch.nonzero(res <= tol).flatten().tolist():
+            pairs.append((int(j[idx]), int(k[idx]), float(s[idx])))
+    return pairs
+
+
+def _find(parent: list[int], x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> bool:
+    """One pass over hidden layer ``i``; returns whether anything changed."""
+    blk, nxt = net.blocks[i], net.blocks[i + 1]
+    fam = blk.family
+    changed = False
+    n = blk.width
+    keep = torch.ones(n, dtype=torch.bool)
+    aug = blk.augmented()
+    row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
+    col_norm = nxt.weight.norm(dim=0)
+    # (a) dead: no outgoing weight
+    dead = col_norm <= tol * col_norm.max().clamp_min(1e-300)
+    # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
+    const = (blk.weight.norm(dim=1) <= tol * row_scale) & ~dead
+    for j in torch.nonzero(dead).flatten().tolist():
+        rep.dead.append(rep.kept[j])
+        keep[j] = False
+    if const.any():
+        idx = torch.nonzero(const).flatten()
+        value = blk.activate(blk.bias[idx])
+        nxt.bias += nxt.weight[:, idx] @ value
+        if torch.any(value != 0):
+            nxt.has_bias = True
+        for j in idx.tolist():
+            rep.constant.append(rep.kept[j])
+            keep[j] = False
+    # (c) duplicates up to an allowed factor: components of the "equal rows" graph, merged into their first unit
+    live = torch.nonzero(keep).flatten()
+    parent = list(range(n))
+    for j, k, _ in _near_pairs(aug[live], fam.scales, tol):
+        ra, rb = _find(parent, int(live[j])), _find(parent, int(live[k]))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    dup = [j for j in live.tolist() if _find(parent, j) != j]
+    if dup:
+        dup_t = torch.tensor(dup)
+        root_t = torch.tensor([_find(parent, j) for j in dup])
+        s = best_scale(aug[root_t], aug[dup_t], fam.scales)  # rows[dup] = s * rows[root]
+        mult, off = fam.latent(s)
+        nxt.weight.index_add_(1, root_t, nxt.weight[:, dup_t] * mult)
+        if torch.any(off != 0):
+            nxt.bias += nxt.weight[:, dup_t] @ off
+            nxt.has_bias = True
+        rep.merged.extend((rep.kept[j], rep.kept[r]) for j, r in zip(dup, root_t.tolist()))
+        keep[dup_t] = False
+    if not bool(keep.all()):
+        changed = True
+        blk.weight = blk.weight[keep]
+        blk.bias = blk.bias[keep]
+        nxt.weight = nxt.weight[:, keep]
+        rep.kept = [u for u, k in zip(rep.kept, keep.tolist()) if k]
+    return changed
+
+
+def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float) -> list[tuple[int, int]]:
+    """Pairs of units with opposite incoming rows (up to a positive factor when ``homogeneous``)."""
+    scales = "nonzero" if homogeneous else "sign"
+    out = []
+    for j, k, s in _near_pairs(rows, scales, tol):
+        if s < 0 and (homogeneous or abs(s + 1) <= tol):
+            out.append((min(j, k), max(j, k)))
+    return sorted(set(out))
+
+
+def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerReduction]]:
+    """Remove dead units, fold constant units and merge duplicated units in every hidden layer.
+
+    Args:
+        net: parsed network (not modified).
+        tol: relative tolerance: a weight vector is zero when its norm is at most ``tol`` times the largest in
+            its layer; two rows are duplicates when their relative residual under the best allowed factor is at
+            most ``tol``.
+
+    Returns:
+        The reduced network (same function) and one :class:`LayerReduction` per hidden layer.
+    """
+    net = net.copy()
+    reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
+    for _ in range(100):
+        changed = False
+        for i in range(len(net.hidden)):
+            if net.blocks[i].width:
+                changed |= _reduce_layer(net, i, reports[i], tol)
+        if not changed:
+            break
+    for blk, rep in zip(net.hidden, reports):
+        rep.width_after = blk.width
+        if blk.family.bypass is not None:
+            rep.bypass = bypass_pairs(blk.augmented(), blk.family.homogeneous, tol)
+    return net, reports

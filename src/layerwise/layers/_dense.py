@@ -1,0 +1,171 @@
+"""Adapter: an ``nn.Sequential`` of Linear layers and pointwise activations as a list of dense blocks.
+
+A block is one ``nn.Linear`` with the activation that follows it (if any). All blocks but the last are hidden
+layers; the last is the output layer. Weights are held in float64 for analysis; :meth:`DenseNet.to_module` writes
+them back into a copy of the original ``nn.Sequential`` in its dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .._errors import LayerwiseError
+from ..hidden import ActivationFamily, family_of
+
+#: Modules that do nothing to a batch of feature vectors in eval mode.
+PASSTHROUGH = (nn.Identity, nn.Flatten, nn.Dropout, nn.AlphaDropout)
+
+
+@dataclass
+class DenseBlock:
+    """``z -> act(weight @ z + bias)``; float64 copies of the module's parameters."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    has_bias: bool
+    act: nn.Module | None
+    family: ActivationFamily | None
+    index: int  # position of the Linear in the flattened Sequential
+    act_index: int | None = None  # position of its activation
+
+    @property
+    def width(self) -> int:
+        return int(self.weight.shape[0])
+
+    def augmented(self) -> torch.Tensor:
+        """``[W | b]``: the rows the hidden symmetry group acts on."""
+        return torch.cat([self.weight, self.bias[:, None]], dim=1)
+
+    def activate(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.act is None else self.act(u)
+
+
+@dataclass
+class DenseNet:
+    """A dense network as blocks; ``modules`` is the flattened original Sequential (never modified)."""
+
+    blocks: list[DenseBlock]
+    modules: list[nn.Module] = field(repr=False)
+    dtype: torch.dtype
+
+    @property
+    def hidden(self) -> list[DenseBlock]:
+        return self.blocks[:-1]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.blocks[0].weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.blocks[-1].weight.shape[0])
+
+    def copy(self) -> DenseNet:
+        blocks = [replace(b, weight=b.weight.clone(), bias=b.bias.clone()) for b in self.blocks]
+        return DenseNet(blocks, self.modules, self.dtype)
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """float64 forward pass of the first ``upto`` blocks (all by default) on flattened inputs."""
+        z = x.reshape(x.shape[0], -1).to(torch.float64)
+        for block in self.blocks[:upto]:
+            z = block.activate(z @ block.weight.T + block.bias)
+        return z
+
+    def to_module(self) -> nn.Sequential:
+        """A new ``nn.Sequential`` with the same module types as the original and these weights, in its dtype."""
+        out: list[nn.Module] = []
+        by_index = {b.index: b for b in self.blocks}
+        for i, mod in enumerate(self.modules):
+            if i in by_index:
+                b = by_index[i]
+                lin = nn.Linear(b.weight.shape[1], b.weight.shape[0], bias=b.has_bias, dtype=self.dtype,
+                                device=b.weight.device)
+                with torch.no_grad():
+                    lin.weight.copy_(b.weight.to(self.dtype))
+                    if b.has_bias:
+                        lin.bias.copy_(b.bias.to(self.dtype))
+                lin.train(mod.training)
+                out.append(lin)
+            else:
+                out.append(copy.deepcopy(mod))
+        return nn.Sequential(*out)
+
+
+def _flatten(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    if isinstance(module, nn.Sequential):
+        items = []
+        for name, child in module.named_children():
+            items.extend(_flatten(child, f"{prefix}[{name}]" if prefix else f"model[{name}]"))
+        return items
+    return [(prefix, module)]
+
+
+def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -> DenseNet:
+    """Read an ``nn.Sequential`` of Linear layers and pointwise activations; never modifies it.
+
+    Raises:
+        LayerwiseError: not a Sequential, empty, an unsupported module (named), two Linear layers or two
+            activations in a row, an activation before the first Linear, a dtype other than float32/float64,
+            or NaN / infinite weights.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise LayerwiseError(f"model: expected an nn.Sequential, got {type(model).__name__}")
+    named = _flatten(model, "")
+    if not named:
+        raise LayerwiseError("model: the nn.Sequential is empty")
+    blocks: list[DenseBlock] = []
+    dtype: torch.dtype | None = None
+    last_kind = None  # "linear" | "act"
+    for i, (where, mod) in enumerate(named):
+        if isinstance(mod, PASSTHROUGH):
+            continue
+        if isinstance(mod, nn.Linear):
+            if last_kind == "linear":
+                raise LayerwiseError(
+                    f"{where}: two nn.Linear layers in a row; compose them into one first (a purely linear hidden "
+                    "layer has hidden symmetry group GL(n) and is not identifiable)"
+                )
+            w = mod.weight.detach()
+            if w.dtype not in (torch.float32, torch.float64):
+                raise LayerwiseError(f"{where}: weights of dtype {w.dtype}; only float32 and float64 are supported")
+            if dtype is None:
+                dtype = w.dtype
+            elif w.dtype != dtype:
+                raise LayerwiseError(f"{where}: dtype {w.dtype} differs from the first Linear's {dtype}")
+            b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            bad = int((~torch.isfinite(w)).sum()) + int((~torch.isfinite(b)).sum())
+            if bad:
+                raise LayerwiseError(f"{where}: {bad} NaN or infinite weights in nn.Linear({w.shape[1]}, {w.shape[0]})")
+            if blocks and blocks[-1].weight.shape[0] != w.shape[1]:
+                raise LayerwiseError(
+                    f"{where}: in_features={w.shape[1]} does not match the previous layer's "
+                    f"out_features={blocks[-1].weight.shape[0]}"
+                )
+            blocks.append(DenseBlock(
+                weight=w.to(device=device, dtype=torch.float64).clone(),
+                bias=b.to(device=device, dtype=torch.float64).clone(),
+                has_bias=mod.bias is not None, act=None, family=None, index=i,
+            ))
+            last_kind = "linear"
+            continue
+        family = family_of(mod, where)
+        if not blocks:
+            raise LayerwiseError(
+                f"{where}: activation {type(mod).__name__} before the first nn.Linear is not supported"
+            )
+        if last_kind == "act":
+            raise LayerwiseError(f"{where}: two activations in a row ({type(mod).__name__}) are not supported")
+        blocks[-1].act = mod
+        blocks[-1].act_index = i
+        blocks[-1].family = family
+        last_kind = "act"
+    if not blocks:
+        raise LayerwiseError("model: contains no nn.Linear layer")
+    for b in blocks:
+        if b.weight.shape[0] == 0 or b.weight.shape[1] == 0:
+            raise LayerwiseError(f"model[{b.index}]: nn.Linear with a zero-width side {tuple(b.weight.shape)}")
+    return DenseNet(blocks, [m for _, m in named], dtype or torch.float32)
