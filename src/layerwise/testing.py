@@ -176,9 +176,11 @@ def planted_mlp(
 
     Each hidden layer's representation is a direct sum of regular blocks (``|G|`` units permuted like the group
     elements), trivial units and, where the activation allows a negative factor, sign units (a character with
-    values +-1). Weights are group averages of random matrices, so they are generic (identifiable). Dead, constant
-    and duplicated units are added without changing the function, then every hidden layer is transported by a
-    random element of its hidden symmetry group (permutation, and positive scales, signs or affine flips).
+    values +-1); about a sixth of the units each are trivial and sign units, as far as the input space has room for
+    them, and the rest regular blocks. Weights are group averages of random matrices, so they are generic
+    (identifiable). Dead, constant and duplicated units are added without changing the function, then every hidden
+    layer is transported by a random element of its hidden symmetry group (permutation, and positive scales, signs
+    or affine flips).
 
     Args:
         activation: a key of :data:`ACTIVATIONS`.
@@ -214,10 +216,10 @@ def planted_mlp(
             m_triv = int(round(aug_char.mean()))
             m_sign = int(round((aug_char * chi_all).mean()))
             w = widths[li]
-            n_reg = max(1, w // (2 * grp.order))
             last_invariant = li == len(widths) - 1 and out == "invariant"
-            n_sign = 0 if (not allow_sign or last_invariant) else min(m_sign, (w - n_reg * grp.order) // 3)
-            n_triv = min(m_triv, max(0, w - n_reg * grp.order - n_sign))
+            n_sign = 0 if (not allow_sign or last_invariant) else min(m_sign, w // 6)
+            n_triv = min(m_triv, w // 6)
+            n_reg = max(1, (w - n_sign - n_triv) // grp.order)
             parts = [regular] * n_reg + [trivial] * n_triv + [sign_unit] * n_sign
             pre = _direct_sum(parts, grp.names)
             comp.append((n_reg, n_triv, n_sign))

@@ -32,19 +32,21 @@ REDUCE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 def transformed_rows(block: DenseBlock, prev: LatentAction | torch.Tensor) -> torch.Tensor:
     """``[W K | W c + b]``: the rows of ``block`` seen through the input action ``K z + c``."""
     w = block.weight
+    out = torch.empty_like(block.aug)
     if isinstance(prev, LatentAction):
-        wk = torch.empty_like(w)
-        wk[:, prev.perm] = w * prev.scale  # (W K)[:, perm[j]] = W[:, j] * scale[j]
-        bias = block.bias + w @ prev.offset64
+        out[:, prev.perm] = w * prev.scale  # (W K)[:, perm[j]] = W[:, j] * scale[j]
+        out[:, -1] = block.bias
+        if torch.any(prev.offset64 != 0):
+            out[:, -1] += w @ prev.offset64
     else:
-        wk = w @ prev
-        bias = block.bias
-    return torch.cat([wk, bias[:, None]], dim=1)
+        out[:, :-1] = w @ prev
+        out[:, -1] = block.bias
+    return out
 
 
 def _output_residual(block: DenseBlock, prev, rho_out: torch.Tensor) -> float:
     got = transformed_rows(block, prev)
-    want = rho_out @ block.augmented()
+    want = rho_out @ block.aug
     err = (got - want).norm(dim=1)
     norms = torch.maximum(got.norm(dim=1), want.norm(dim=1))
     floor = 1e-3 * float(norms.max()) if norms.numel() else 0.0
@@ -72,7 +74,7 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _S
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             scales = blk.family.canonical_scales if canonical else blk.family.scales
-            m = match_rows(blk.augmented(), transformed_rows(blk, prev), scales, tol)
+            m = match_rows(blk.aug, transformed_rows(blk, prev), scales, tol)
             fallbacks += m.n_fallback
             mult, off = blk.family.latent(m.scale)
             prev = LatentAction(m.perm, mult, off, dtype=net.dtype)
@@ -101,22 +103,65 @@ def extend_to_group(group: FiniteGroup, gens: dict[str, LatentAction]) -> tuple[
     return acts, worst  # type: ignore[return-value]
 
 
-def _remove_scale_cocycle(net: DenseNet, group_actions: list[list[LatentAction]]) -> None:
-    """Rescale units of positively homogeneous layers so that their latent actions lose all magnitudes.
+def _sign_gauge(gens: dict[str, LatentAction]) -> torch.Tensor:
+    """Per-unit signs ``t`` making as many generator multipliers positive as the cocycle allows.
 
-    With ``u_j`` the group average of ``log|mult_h[j]|``, rescaling unit ``j``'s output by ``t_j = exp(-u_j)`` makes
-    every ``t_j |mult_h[j]| / t_{perm_h[j]} = 1`` (cocycle identity ``u_j = log|mult_g[j]| + u_{perm_g[j]}``).
+    After flipping units ``t_j = -1`` the multiplier of unit ``i`` under generator ``g`` becomes
+    ``t_i sign(mult_g[i]) t_{perm_g[i]}``. A breadth-first search over each orbit sets it to +1 along a spanning
+    tree; what is left on the other edges is the holonomy of the cocycle, which no choice removes (a unit on which
+    the group acts by a nontrivial character stays negated).
+    """
+    acts = list(gens.values())
+    n = acts[0].size
+    signs = [torch.where(a.scale < 0, -1, 1).tolist() for a in acts]
+    inverse = [torch.argsort(a.perm).tolist() for a in acts]
+    t = [0] * n
+    for root in range(n):
+        if t[root]:
+            continue
+        t[root] = 1
+        stack = [root]
+        while stack:
+            j = stack.pop()
+            for sg, inv in zip(signs, inverse):
+                i = inv[j]  # perm_g[i] = j
+                if not t[i]:
+                    t[i] = sg[i] * t[j]
+                    stack.append(i)
+    return torch.tensor(t, dtype=torch.float64, device=acts[0].perm.device)
+
+
+def _transport_units(net: DenseNet, i: int, factor: torch.Tensor) -> None:
+    """Scale the incoming rows of hidden layer ``i`` by ``factor`` (in its scale group) and compensate in layer
+    ``i + 1``: the unit's output becomes ``mult z + offset``, so the next layer reads ``(z' - offset) / mult``."""
+    blk, nxt = net.blocks[i], net.blocks[i + 1]
+    mult, off = blk.family.latent(factor)
+    blk.aug *= factor[:, None]
+    nxt.weight.div_(mult[None, :])
+    if torch.any(off != 0):
+        nxt.aug[:, -1] -= nxt.weight @ off
+        nxt.has_bias = True
+
+
+def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list[list[LatentAction]]) -> None:
+    """Move to the point of the fiber where latent actions are as simple as the group allows.
+
+    Magnitudes (ReLU, LeakyReLU, polynomial): with ``u_j`` the group average of ``log|mult_h[j]|``, rescaling unit
+    ``j``'s output by ``t_j = exp(-u_j)`` makes every ``t_j |mult_h[j]| / t_{perm_h[j]} = 1`` (cocycle identity
+    ``u_j = log|mult_g[j]| + u_{perm_g[j]}``): pure permutations. Signs (tanh, sigmoid's affine flips, odd
+    powers): :func:`_sign_gauge`.
     """
     for i, (blk, acts) in enumerate(zip(net.hidden, group_actions)):
-        if not blk.family.homogeneous or blk.width == 0:
+        if blk.width == 0:
             continue
-        logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
-        t = torch.exp(-logs)  # latent rescale
-        c = t ** (1.0 / blk.family.power)  # pre-activation rescale, c > 0
-        blk.weight = blk.weight * c[:, None]
-        blk.bias = blk.bias * c
-        nxt = net.blocks[i + 1]
-        nxt.weight = nxt.weight / t[None, :]
+        if blk.family.homogeneous:
+            logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
+            _transport_units(net, i, torch.exp(-logs / blk.family.power))  # latent factor exp(-logs)
+        if blk.family.scales in ("sign", "nonzero"):
+            gens = {name: acts[group.generator_index(name)] for name in group.names}
+            t = _sign_gauge(gens)
+            if torch.any(t < 0):
+                _transport_units(net, i, t)
 
 
 @dataclass
@@ -240,7 +285,7 @@ def extract(
     hom = max((e[1] for e in extended), default=0.0)
     failure, failed = _first_failure(first, tol, hom, reduced)
     if failure is None:
-        _remove_scale_cocycle(reduced, group_latent)
+        _canonical_parameters(reduced, group, group_latent)
     out_model = reduced.to_module()
     final_net = parse_dense(out_model, device=device)
     sweep = _sweep(final_net, group, tol, canonical=failure is None) if failure is None else first

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..hidden import SCALE_GROUPS
+
 _N_PROJ = 8
 _WINDOW = 4
 
@@ -24,29 +26,31 @@ def _directions(d: int, k: int, device, seed: int) -> torch.Tensor:
     return torch.randn(d, k, generator=gen, dtype=torch.float64).to(device)
 
 
-def canonical_rows(rows: torch.Tensor, scales: str, probe: torch.Tensor) -> torch.Tensor:
-    """Representative of each row's orbit under the scale group (norm and/or sign removed)."""
+def row_keys(rows: torch.Tensor, scales: str, seed: int) -> torch.Tensor:
+    """Projections of each row's canonical representative under the scale group onto ``_N_PROJ`` fixed random
+    directions. The representative removes the norm (positive, nonzero) and the sign (sign, nonzero; the sign
+    that makes a further random projection positive), so rows in one orbit get equal keys. One matmul, no copy."""
+    proj = rows @ _directions(rows.shape[1], _N_PROJ + 1, rows.device, seed)
     if scales == "one":
-        return rows
-    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    sign = torch.where((rows @ probe).reshape(-1) >= 0, 1.0, -1.0).to(rows.dtype)[:, None]
-    if scales == "sign":
-        return rows * sign
-    if scales == "positive":
-        return rows / norms
-    if scales == "nonzero":
-        return rows * sign / norms
-    raise ValueError(f"unknown scale group {scales!r}")
+        return proj[:, 1:]
+    factor = torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    if scales in ("sign", "nonzero"):
+        factor = torch.where(proj[:, 0] >= 0, 1.0, -1.0).to(rows.dtype)
+    if scales in ("positive", "nonzero"):
+        factor = factor / torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-300)
+    if scales not in SCALE_GROUPS:
+        raise ValueError(f"unknown scale group {scales!r}")
+    return proj[:, 1:] * factor[:, None]
 
 
 def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
     """Row-wise factor ``s`` in the scale group minimizing ``|b - s a|``."""
-    dot = (a * b).sum(1)
+    dot = torch.einsum("ij,ij->i", a, b)  # einsum: no n x d temporary
     if scales == "one":
         return torch.ones_like(dot)
     if scales == "sign":
         return torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)
-    s = dot / (a * a).sum(1).clamp_min(1e-300)
+    s = dot / torch.einsum("ij,ij->i", a, a).clamp_min(1e-300)
     if scales == "positive":
         return s.clamp_min(1e-300)
     return torch.where(s == 0, 1e-300, s)
@@ -54,9 +58,9 @@ def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
 
 def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Relative row residual ``|b - s a| / max(|b|, |s a|)``."""
-    err = (b - s[:, None] * a).norm(dim=1)
-    den = torch.maximum(b.norm(dim=1), (s[:, None] * a).norm(dim=1)).clamp_min(1e-300)
-    return err / den
+    err = torch.linalg.vector_norm(torch.addcmul(b, a, s[:, None], value=-1.0), dim=1)
+    den = torch.maximum(torch.linalg.vector_norm(b, dim=1), s.abs() * torch.linalg.vector_norm(a, dim=1))
+    return err / den.clamp_min(1e-300)
 
 
 def _cost(a: torch.Tensor, b: torch.Tensor, scales: str) -> np.ndarray:
@@ -108,10 +112,8 @@ def match_rows(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=device)
         return RowMatch(torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0)
-    dirs = _directions(d, _N_PROJ + 1, device, seed)
-    probe, proj = dirs[:, :1], dirs[:, 1:]
-    ka = canonical_rows(A, scales, probe) @ proj
-    kb = canonical_rows(B, scales, probe) @ proj
+    ka = row_keys(A, scales, seed)
+    kb = row_keys(B, scales, seed)
     order = torch.argsort(ka[:, 0])
     sorted_keys = ka[order, 0].contiguous()
     pos = torch.searchsorted(sorted_keys, kb[:, 0].contiguous())

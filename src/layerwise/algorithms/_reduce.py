@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layers import DenseNet
-from ._match import _N_PROJ, _WINDOW, _directions, best_scale, canonical_rows, row_residual
+from ._match import _WINDOW, best_scale, row_keys, row_residual
 
 
 @dataclass
@@ -47,17 +47,22 @@ def _near_pairs(rows: torch.Tensor, scales: str, tol: float) -> list[tuple[int, 
     n, d = rows.shape
     if n < 2:
         return []
-    dirs = _directions(d, _N_PROJ + 1, rows.device, seed=1)
-    keys = canonical_rows(rows, scales, dirs[:, :1]) @ dirs[:, 1:]
+    keys = row_keys(rows, scales, seed=1)
     order = torch.argsort(keys[:, 0])
-    pairs = []
+    # Equal canonical rows have equal keys; only pairs whose keys nearly agree get the full O(d) check.
+    key_scale = keys.norm(dim=1)
+    cand_j, cand_k = [], []
     for off in range(1, min(2 * _WINDOW, n - 1) + 1):
         j, k = order[off:], order[:-off]
-        s = best_scale(rows[k], rows[j], scales)
-        res = row_residual(rows[k], rows[j], s)
-        for idx in torch.nonzero(res <= tol).flatten().tolist():
-            pairs.append((int(j[idx]), int(k[idx]), float(s[idx])))
-    return pairs
+        close = (keys[j] - keys[k]).norm(dim=1) <= 10 * tol * (key_scale[j] + key_scale[k]) + 1e-300
+        cand_j.append(j[close])
+        cand_k.append(k[close])
+    j, k = torch.cat(cand_j), torch.cat(cand_k)
+    if not j.numel():
+        return []
+    s = best_scale(rows[k], rows[j], scales)
+    ok = row_residual(rows[k], rows[j], s) <= tol
+    return list(zip(j[ok].tolist(), k[ok].tolist(), s[ok].tolist()))
 
 
 def _find(parent: list[int], x: int) -> int:
@@ -74,9 +79,9 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> boo
     changed = False
     n = blk.width
     keep = torch.ones(n, dtype=torch.bool)
-    aug = blk.augmented()
+    aug = blk.aug
     row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
-    col_norm = nxt.weight.norm(dim=0)
+    col_norm = torch.linalg.vector_norm(nxt.weight, dim=0)
     # (a) dead: no outgoing weight
     dead = col_norm <= tol * col_norm.max().clamp_min(1e-300)
     # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
@@ -87,7 +92,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> boo
     if const.any():
         idx = torch.nonzero(const).flatten()
         value = blk.activate(blk.bias[idx])
-        nxt.bias += nxt.weight[:, idx] @ value
+        nxt.aug[:, -1] += nxt.weight[:, idx] @ value
         if torch.any(value != 0):
             nxt.has_bias = True
         for j in idx.tolist():
@@ -108,15 +113,15 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> boo
         mult, off = fam.latent(s)
         nxt.weight.index_add_(1, root_t, nxt.weight[:, dup_t] * mult)
         if torch.any(off != 0):
-            nxt.bias += nxt.weight[:, dup_t] @ off
+            nxt.aug[:, -1] += nxt.weight[:, dup_t] @ off
             nxt.has_bias = True
         rep.merged.extend((rep.kept[j], rep.kept[r]) for j, r in zip(dup, root_t.tolist()))
         keep[dup_t] = False
     if not bool(keep.all()):
         changed = True
-        blk.weight = blk.weight[keep]
-        blk.bias = blk.bias[keep]
-        nxt.weight = nxt.weight[:, keep]
+        rows = torch.nonzero(keep).flatten()
+        blk.aug = blk.aug.index_select(0, rows)
+        nxt.aug = nxt.aug.index_select(1, torch.cat([rows, torch.tensor([n])]))
         rep.kept = [u for u, k in zip(rep.kept, keep.tolist()) if k]
     return changed
 
@@ -145,15 +150,15 @@ def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerR
     """
     net = net.copy()
     reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
-    for _ in range(100):
-        changed = False
-        for i in range(len(net.hidden)):
-            if net.blocks[i].width:
-                changed |= _reduce_layer(net, i, reports[i], tol)
-        if not changed:
-            break
+    # A change in layer i alters the rows of layer i + 1 and the outgoing columns of layer i - 1.
+    dirty = set(range(len(net.hidden)))
+    while dirty:
+        i = min(dirty)
+        dirty.discard(i)
+        if net.blocks[i].width and _reduce_layer(net, i, reports[i], tol):
+            dirty |= {j for j in (i - 1, i, i + 1) if 0 <= j < len(net.hidden)}
     for blk, rep in zip(net.hidden, reports):
         rep.width_after = blk.width
         if blk.family.bypass is not None:
-            rep.bypass = bypass_pairs(blk.augmented(), blk.family.homogeneous, tol)
+            rep.bypass = bypass_pairs(blk.aug, blk.family.homogeneous, tol)
     return net, reports

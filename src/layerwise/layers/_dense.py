@@ -22,10 +22,10 @@ PASSTHROUGH = (nn.Identity, nn.Flatten, nn.Dropout, nn.AlphaDropout)
 
 @dataclass
 class DenseBlock:
-    """``z -> act(weight @ z + bias)``; float64 copies of the module's parameters."""
+    """``z -> act(weight @ z + bias)``; ``aug = [weight | bias]`` is a float64 copy of the module's parameters,
+    stored once so that the row algorithms never concatenate; ``weight`` and ``bias`` are views of it."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor
+    aug: torch.Tensor
     has_bias: bool
     act: nn.Module | None
     family: ActivationFamily | None
@@ -33,12 +33,16 @@ class DenseBlock:
     act_index: int | None = None  # position of its activation
 
     @property
-    def width(self) -> int:
-        return int(self.weight.shape[0])
+    def weight(self) -> torch.Tensor:
+        return self.aug[:, :-1]
 
-    def augmented(self) -> torch.Tensor:
-        """``[W | b]``: the rows the hidden symmetry group acts on."""
-        return torch.cat([self.weight, self.bias[:, None]], dim=1)
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.aug[:, -1]
+
+    @property
+    def width(self) -> int:
+        return int(self.aug.shape[0])
 
     def activate(self, u: torch.Tensor) -> torch.Tensor:
         return u if self.act is None else self.act(u)
@@ -65,7 +69,7 @@ class DenseNet:
         return int(self.blocks[-1].weight.shape[0])
 
     def copy(self) -> DenseNet:
-        blocks = [replace(b, weight=b.weight.clone(), bias=b.bias.clone()) for b in self.blocks]
+        blocks = [replace(b, aug=b.aug.clone()) for b in self.blocks]
         return DenseNet(blocks, self.modules, self.dtype)
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -145,9 +149,11 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
                     f"{where}: in_features={w.shape[1]} does not match the previous layer's "
                     f"out_features={blocks[-1].weight.shape[0]}"
                 )
+            aug = torch.empty(w.shape[0], w.shape[1] + 1, dtype=torch.float64, device=device)
+            aug[:, :-1] = w
+            aug[:, -1] = b
             blocks.append(DenseBlock(
-                weight=w.to(device=device, dtype=torch.float64).clone(),
-                bias=b.to(device=device, dtype=torch.float64).clone(),
+                aug=aug,
                 has_bias=mod.bias is not None, act=None, family=None, index=i,
             ))
             last_kind = "linear"

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from layerwise.algorithms import match_rows
+
+
+def _planted(n, d, scales, gen):
+    a = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    perm = torch.randperm(n, generator=gen)
+    s = {
+        "one": torch.ones(n, dtype=torch.float64),
+        "sign": torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double(),
+        "positive": torch.exp(torch.randn(n, generator=gen, dtype=torch.float64)),
+        "nonzero": torch.randn(n, generator=gen, dtype=torch.float64),
+    }[scales]
+    return a, a[perm] * s[:, None], perm, s
+
+
+@pytest.mark.parametrize("scales", ["one", "sign", "positive", "nonzero"])
+@pytest.mark.parametrize("n", [1, 7, 500])
+def test_exact_matches_are_found_without_fallback(scales, n):
+    gen = torch.Generator().manual_seed(n)
+    a, b, perm, s = _planted(n, 20, scales, gen)
+    m = match_rows(a, b, scales, 1e-10)
+    assert torch.equal(m.perm, perm)
+    torch.testing.assert_close(m.scale, s, rtol=1e-12, atol=0)
+    assert m.worst < 1e-13 and m.n_fallback == 0
+
+
+def test_near_duplicate_keys_still_match_through_the_window_or_fallback():
+    # many rows differing in one coordinate by tiny amounts: the first key barely separates them
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 30, generator=gen, dtype=torch.float64).repeat(200, 1)
+    base[:, 0] += torch.arange(200, dtype=torch.float64) * 1e-3
+    perm = torch.randperm(200, generator=gen)
+    m = match_rows(base, base[perm], "one", 1e-12)
+    assert torch.equal(m.perm, perm)
+
+
+def test_mismatched_rows_report_their_residual():
+    gen = torch.Generator().manual_seed(3)
+    a, b, perm, _ = _planted(50, 10, "positive", gen)
+    b[7] = torch.randn(10, generator=gen, dtype=torch.float64)
+    m = match_rows(a, b, "positive", 1e-10)
+    assert m.residual[7] > 1e-3 and m.n_fallback >= 1
+    others = torch.ones(50, dtype=torch.bool)
+    others[7] = False
+    assert m.residual[others].max() < 1e-12
+    assert sorted(m.perm.tolist()) == list(range(50))  # always a permutation
+
+
+def test_sign_group_refuses_other_magnitudes():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    m = match_rows(a, 2.0 * a, "sign", 1e-8)
+    assert m.worst > 0.3
+    m = match_rows(a, 2.0 * a, "positive", 1e-8)
+    assert m.worst < 1e-12
