@@ -12,7 +12,7 @@ from torch import nn
 import layerwise
 from layerwise import LayerwiseError
 from layerwise.algorithms import DEFAULT_TOL
-from layerwise.testing import ACTIVATIONS, hflip_permutation, image_generators, perturb, planted_mlp
+from layerwise.testing import ACTIVATIONS, hflip_permutation, perturb, planted_mlp
 
 from ..conftest import DTYPES, FUNCTION_RTOL
 

@@ -34,19 +34,19 @@ def transformed_rows(block: DenseBlock, prev: LatentAction | torch.Tensor) -> to
     w = block.weight
     out = torch.empty_like(block.aug)
     if isinstance(prev, LatentAction):
-        out[:, prev.perm] = w * prev.scale  # (W K)[:, perm[j]] = W[:, j] * scale[j]
+        out[:, prev.perm] = w * prev.scale.to(w.dtype)  # (W K)[:, perm[j]] = W[:, j] * scale[j]
         out[:, -1] = block.bias
         if torch.any(prev.offset64 != 0):
-            out[:, -1] += w @ prev.offset64
+            out[:, -1] += w @ prev.offset64.to(w.dtype)
     else:
-        out[:, :-1] = w @ prev
+        out[:, :-1] = (w.double() @ prev.double()).to(w.dtype)  # small (d_in columns): exact enough in float64
         out[:, -1] = block.bias
     return out
 
 
 def _output_residual(block: DenseBlock, prev, rho_out: torch.Tensor) -> float:
     got = transformed_rows(block, prev)
-    want = rho_out @ block.aug
+    want = (rho_out.double() @ block.aug.double()).to(got.dtype)
     err = (got - want).norm(dim=1)
     norms = torch.maximum(got.norm(dim=1), want.norm(dim=1))
     floor = 1e-3 * float(norms.max()) if norms.numel() else 0.0
@@ -69,7 +69,7 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _S
     output: dict[str, float] = {}
     fallbacks = 0
     device = net.blocks[0].weight.device
-    for _s, name in enumerate(group.names):
+    for name in group.names:
         h = group.generator_index(name)
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
@@ -135,8 +135,8 @@ def _transport_units(net: DenseNet, i: int, factor: torch.Tensor) -> None:
     """Scale the incoming rows of hidden layer ``i`` by ``factor`` (in its scale group) and compensate in layer
     ``i + 1``: the unit's output becomes ``mult z + offset``, so the next layer reads ``(z' - offset) / mult``."""
     blk, nxt = net.blocks[i], net.blocks[i + 1]
-    mult, off = blk.family.latent(factor)
-    blk.aug *= factor[:, None]
+    mult, off = blk.family.latent(factor.to(blk.aug.dtype))
+    blk.aug *= factor[:, None].to(blk.aug.dtype)
     nxt.weight.div_(mult[None, :])
     if torch.any(off != 0):
         nxt.aug[:, -1] -= nxt.weight @ off

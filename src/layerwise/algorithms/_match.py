@@ -21,16 +21,16 @@ _N_PROJ = 8
 _WINDOW = 4
 
 
-def _directions(d: int, k: int, device, seed: int) -> torch.Tensor:
+def _directions(d: int, k: int, like: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(d, k, generator=gen, dtype=torch.float64).to(device)
+    return torch.randn(d, k, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
 def row_keys(rows: torch.Tensor, scales: str, seed: int) -> torch.Tensor:
     """Projections of each row's canonical representative under the scale group onto ``_N_PROJ`` fixed random
     directions. The representative removes the norm (positive, nonzero) and the sign (sign, nonzero; the sign
     that makes a further random projection positive), so rows in one orbit get equal keys. One matmul, no copy."""
-    proj = rows @ _directions(rows.shape[1], _N_PROJ + 1, rows.device, seed)
+    proj = rows @ _directions(rows.shape[1], _N_PROJ + 1, rows, seed)
     if scales == "one":
         return proj[:, 1:]
     factor = torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
@@ -100,7 +100,7 @@ def match_rows(
     """Match rows of ``B`` to rows of ``A`` under the scale group ``scales``.
 
     Args:
-        A, B: ``(n, d)`` float64 tensors.
+        A, B: ``(n, d)`` tensors of one floating dtype.
         scales: ``"one" | "sign" | "positive" | "nonzero"``.
         tol: rows whose nearest candidate has relative residual above ``tol`` go to the fallback.
         max_assignment: the fallback solves a linear assignment when at most this many rows are left;
@@ -110,7 +110,7 @@ def match_rows(
     n, d = A.shape
     device = A.device
     if n == 0:
-        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        empty = torch.zeros(0, dtype=A.dtype, device=device)
         return RowMatch(torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0)
     ka = row_keys(A, scales, seed)
     kb = row_keys(B, scales, seed)
@@ -126,7 +126,7 @@ def match_rows(
 
     ok = res <= tol
     # A row of A may be chosen twice; keep the best claim, send the others to the fallback.
-    claim = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
+    claim = torch.full((n,), float("inf"), dtype=res.dtype, device=device)
     claim.scatter_reduce_(0, choice[ok], res[ok], reduce="amin")
     ok &= res <= claim[choice]
     taken = torch.zeros(n, dtype=torch.bool, device=device)
