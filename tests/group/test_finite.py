@@ -114,3 +114,18 @@ def test_group_above_the_bound_is_refused():
     assert FiniteGroup.from_generators(gens, 6, 1).order == 720
     with pytest.raises(LayerwiseError, match="max_order=100"):
         FiniteGroup.from_generators(gens, 6, 1, max_order=100)
+
+
+def test_multiplication_table_and_subgroups_of_d4():
+    g = FiniteGroup.from_generators(image_generators("d4", 4), 16, 1)
+    mul = g.multiplication_table()
+    for a in range(g.order):
+        for b in range(g.order):
+            np.testing.assert_allclose(g.rho_in[a] @ g.rho_in[b], g.rho_in[mul[a, b]], atol=1e-12)
+        inv = g.inverse_index(a)
+        assert mul[a, inv] == 0 and mul[inv, a] == 0
+    subs = g.subgroups()
+    # D4 has 10 subgroups: trivial, 5 of order 2, 3 of order 4, itself
+    assert [len(s) for s in subs] == [1, 2, 2, 2, 2, 2, 4, 4, 4, 8]
+    for s in subs:
+        assert all(mul[a, b] in s for a in s for b in s)

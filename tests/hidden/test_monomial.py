@@ -44,3 +44,15 @@ def test_distance():
 def test_matrix_dtype_follows_the_model():
     a = LatentAction(torch.arange(2), torch.ones(2, dtype=torch.float64), dtype=torch.float32)
     assert a.matrix.dtype == torch.float32 and a.offset.dtype == torch.float32
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 10), seed=st.integers(0, 1000), affine=st.booleans())
+def test_inverse_and_apply_rows(n, seed, affine):
+    gen = torch.Generator().manual_seed(seed)
+    a = _random(n, gen, affine)
+    a.scale = a.scale.sign() * (a.scale.abs() + 0.1)  # keep it invertible
+    z = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(a.inverse()(a(z)), z, rtol=1e-10, atol=1e-10)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(a.apply_rows(x), a.matrix @ x, rtol=1e-12, atol=1e-12)

@@ -29,23 +29,24 @@ DEFAULT_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}
 REDUCE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def transformed_rows(block: DenseBlock, prev: LatentAction | torch.Tensor) -> torch.Tensor:
-    """``[W K | W c + b]``: the rows of ``block`` seen through the input action ``K z + c``."""
-    w = block.weight
-    out = torch.empty_like(block.aug)
+def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> torch.Tensor:
+    """``[W K | W c + b]``: the rows ``aug = [W | b]`` seen through the input action ``K z + c`` (a monomial
+    :class:`LatentAction`, or a dense matrix with ``c = 0``)."""
+    w = aug[:, :-1]
+    out = torch.empty_like(aug)
     if isinstance(prev, LatentAction):
         out[:, prev.perm] = w * prev.scale.to(w.dtype)  # (W K)[:, perm[j]] = W[:, j] * scale[j]
-        out[:, -1] = block.bias
+        out[:, -1] = aug[:, -1]
         if torch.any(prev.offset64 != 0):
             out[:, -1] += w @ prev.offset64.to(w.dtype)
     else:
         out[:, :-1] = (w.double() @ prev.double()).to(w.dtype)  # small (d_in columns): exact enough in float64
-        out[:, -1] = block.bias
+        out[:, -1] = aug[:, -1]
     return out
 
 
 def _output_residual(block: DenseBlock, prev, rho_out: torch.Tensor) -> float:
-    got = transformed_rows(block, prev)
+    got = transformed_rows(block.aug, prev)
     want = (rho_out.double() @ block.aug.double()).to(got.dtype)
     err = (got - want).norm(dim=1)
     norms = torch.maximum(got.norm(dim=1), want.norm(dim=1))
@@ -74,7 +75,7 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _S
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             scales = blk.family.canonical_scales if canonical else blk.family.scales
-            m = match_rows(blk.aug, transformed_rows(blk, prev), scales, tol)
+            m = match_rows(blk.aug, transformed_rows(blk.aug, prev), scales, tol)
             fallbacks += m.n_fallback
             mult, off = blk.family.latent(m.scale)
             prev = LatentAction(m.perm, mult, off, dtype=net.dtype)
@@ -131,18 +132,6 @@ def _sign_gauge(gens: dict[str, LatentAction]) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.float64, device=acts[0].perm.device)
 
 
-def _transport_units(net: DenseNet, i: int, factor: torch.Tensor) -> None:
-    """Scale the incoming rows of hidden layer ``i`` by ``factor`` (in its scale group) and compensate in layer
-    ``i + 1``: the unit's output becomes ``mult z + offset``, so the next layer reads ``(z' - offset) / mult``."""
-    blk, nxt = net.blocks[i], net.blocks[i + 1]
-    mult, off = blk.family.latent(factor.to(blk.aug.dtype))
-    blk.aug *= factor[:, None].to(blk.aug.dtype)
-    nxt.weight.div_(mult[None, :])
-    if torch.any(off != 0):
-        nxt.aug[:, -1] -= nxt.weight @ off
-        nxt.has_bias = True
-
-
 def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list[list[LatentAction]]) -> None:
     """Move to the point of the fiber where latent actions are as simple as the group allows.
 
@@ -156,12 +145,12 @@ def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list
             continue
         if blk.family.homogeneous:
             logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
-            _transport_units(net, i, torch.exp(-logs / blk.family.power))  # latent factor exp(-logs)
+            net.transport(i, torch.exp(-logs / blk.family.power))  # latent factor exp(-logs)
         if blk.family.scales in ("sign", "nonzero"):
             gens = {name: acts[group.generator_index(name)] for name in group.names}
             t = _sign_gauge(gens)
             if torch.any(t < 0):
-                _transport_units(net, i, t)
+                net.transport(i, t)
 
 
 @dataclass

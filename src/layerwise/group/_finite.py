@@ -108,11 +108,52 @@ class FiniteGroup:
         """Index of the element that is generator ``name``."""
         return int(self.table[0, self.names.index(name)])
 
+    def multiplication_table(self) -> np.ndarray:
+        """``mul[a, b]`` is the index of ``a b`` (apply ``b`` first), from the Cayley table and the words."""
+        cached = self.__dict__.get("_mul")
+        if cached is not None:
+            return cached
+        index = {name: s for s, name in enumerate(self.names)}
+        mul = np.empty((self.order, self.order), dtype=np.int64)
+        for a, word in enumerate(self.words):
+            x = np.arange(self.order)
+            for name in reversed(word):
+                x = self.table[x, index[name]]
+            mul[a] = x
+        object.__setattr__(self, "_mul", mul)
+        return mul
+
     def inverse_index(self, h: int) -> int:
         """Index of the inverse of element ``h``."""
-        prod = np.einsum("gij,jk->gik", self.rho_in, self.rho_in[h])
-        eye = np.eye(self.rho_in.shape[1])
-        return int(np.argmin(np.abs(prod - eye).reshape(len(prod), -1).max(1)))
+        return int(np.flatnonzero(self.multiplication_table()[h] == 0)[0])
+
+    def subgroups(self) -> list[frozenset[int]]:
+        """All subgroups, as sets of element indices, smallest first (joins of cyclic subgroups)."""
+        mul = self.multiplication_table()
+
+        def closure(elements: set[int]) -> frozenset[int]:
+            out = set(elements) | {0}
+            frontier = list(out)
+            while frontier:
+                a = frontier.pop()
+                for b in list(out):
+                    for c in (int(mul[a, b]), int(mul[b, a])):
+                        if c not in out:
+                            out.add(c)
+                            frontier.append(c)
+            return frozenset(out)
+
+        found = {closure({h}) for h in range(self.order)}
+        grew = True
+        while grew:
+            grew = False
+            for a in list(found):
+                for b in list(found):
+                    c = closure(set(a) | set(b))
+                    if c not in found:
+                        found.add(c)
+                        grew = True
+        return sorted(found, key=lambda s: (len(s), sorted(s)))
 
     def describe(self) -> str:
         gens = ", ".join(self.names)

@@ -64,6 +64,16 @@ class LatentAction:
         offset = self.scale * other._offset[self.perm] + self._offset
         return LatentAction(perm, scale, offset, self.dtype)
 
+    def inverse(self) -> LatentAction:
+        """The inverse affine map: ``z = (y - offset)[inv] / scale[inv]`` with ``inv = argsort(perm)``."""
+        inv = torch.argsort(self.perm)
+        scale = 1.0 / self.scale[inv]
+        return LatentAction(inv, scale, -self._offset[inv] * scale, self.dtype)
+
+    def apply_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``K x`` for the linear part ``K`` of this action (``x`` of shape ``(n, d)``)."""
+        return x[self.perm] * self.scale.to(x.dtype)[:, None]
+
     def distance(self, other: LatentAction) -> float:
         """Largest relative difference of the two affine maps' multipliers and offsets (inf when the permutations
         differ); multipliers are compared relative to ``max(|a|, |b|, 1)``."""

@@ -73,6 +73,24 @@ class DenseNet:
         blocks = [replace(b, aug=b.aug.clone()) for b in self.blocks]
         return DenseNet(blocks, self.modules, self.dtype)
 
+    def transport(self, i: int, factor: torch.Tensor) -> None:
+        """Apply a hidden symmetry to hidden layer ``i``: scale its incoming rows by ``factor`` (elements of the
+        family's scale group) and compensate in layer ``i + 1``, keeping the function. Unit ``j``'s output becomes
+        ``mult_j z_j + offset_j``, so the next layer reads ``(z' - offset) / mult``."""
+        blk, nxt = self.blocks[i], self.blocks[i + 1]
+        factor = factor.to(blk.aug.dtype)
+        mult, off = blk.family.latent(factor)
+        blk.aug *= factor[:, None]
+        nxt.weight.div_(mult[None, :])
+        if torch.any(off != 0):
+            nxt.aug[:, -1] -= nxt.weight @ off
+            nxt.has_bias = True
+
+    def to(self, dtype: torch.dtype) -> DenseNet:
+        """A copy computing in ``dtype`` (the module dtype written by :meth:`to_module` is unchanged)."""
+        blocks = [replace(b, aug=b.aug.to(dtype).clone()) for b in self.blocks]
+        return DenseNet(blocks, self.modules, self.dtype)
+
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Forward pass of the first ``upto`` blocks (all by default) on flattened inputs."""
         z = x.reshape(x.shape[0], -1).to(self.blocks[0].aug.dtype)

@@ -1,0 +1,163 @@
+"""Group-consistent alignment of a whole network, and symmetrization (THEORY section 5.3).
+
+``theta_sym = (1/|G|) sum_g k(g)^{-1} . theta^g``: layer ``i`` becomes the group average of
+``P_i(g)^{-1} [W_i | b_i] L_{i-1}(g)``, where ``L_{i-1}`` is the (affine) latent action on the layer's input and
+``P_i`` the action on its pre-activations (``rho_L`` for the output layer). When both are homomorphisms,
+``P_i(h) X' = X' L_{i-1}(h)`` for every ``h``: every layer, hence the network, is exactly equivariant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._errors import LayerwiseError
+from .._oracle import _check_inputs, _eval_mode
+from ..group import MAX_GROUP_ORDER, FiniteGroup
+from ..hidden import LatentAction
+from ..layers import DenseNet, parse_dense
+from ._align import LayerAlignment, activation_similarity, consistent_actions, weight_similarity
+from ._extract import REDUCE_TOL, extend_to_group, transformed_rows
+from ._reduce import reduce_to_submodel
+
+
+def _group_inputs(group: FiniteGroup, x: torch.Tensor) -> list[torch.Tensor]:
+    flat = x.reshape(x.shape[0], -1).double()
+    if flat.shape[1] != group.rho_in.shape[1]:
+        raise LayerwiseError(
+            f"data: {flat.shape[1]} features per sample, the model takes {group.rho_in.shape[1]}"
+        )
+    return [flat @ torch.as_tensor(group.rho_in[h].T) for h in range(group.order)]
+
+
+def _hidden(net: DenseNet, x: torch.Tensor) -> list[torch.Tensor]:
+    outs, z = [], x
+    for blk in net.hidden:
+        z = blk.activate(z @ blk.weight.T + blk.bias)
+        outs.append(z)
+    return outs
+
+
+def align_network(
+    net: DenseNet, group: FiniteGroup, data: torch.Tensor | None = None
+) -> list[LayerAlignment]:
+    """Group-consistent latent actions of every hidden layer, from activations on ``data`` or from weights.
+
+    From weights the layers are aligned in order: layer ``i``'s similarity under ``h`` compares
+    ``[W_i L_{i-1}(h) | ...]`` with ``[W_i | b_i]``, using the consistent actions already chosen for layer ``i-1``.
+    """
+    out: list[LayerAlignment] = []
+    if data is not None:
+        with torch.no_grad():
+            acts = [_hidden(net, xh.to(net.blocks[0].aug.dtype)) for xh in _group_inputs(group, data)]
+        for i, blk in enumerate(net.hidden):
+            sims = torch.stack([torch.as_tensor(activation_similarity(acts[0][i], acts[h][i]))
+                                for h in range(group.order)]).numpy()
+            out.append(consistent_actions(sims, group, blk.family, net.dtype))
+        return out
+    prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
+    for blk in net.hidden:
+        sims = torch.stack([torch.as_tensor(weight_similarity(blk.aug, transformed_rows(blk.aug, p)))
+                            for p in prev]).numpy()
+        al = consistent_actions(sims, group, blk.family, net.dtype)
+        out.append(al)
+        prev = extend_to_group(group, al.latent)[0]
+    return out
+
+
+def _average(net: DenseNet, group: FiniteGroup, alignments: list[LayerAlignment] | None) -> DenseNet:
+    """Group average of every layer; ``alignments=None`` is the naive average (identity on hidden layers)."""
+    net = net.to(torch.float64)
+    order = group.order
+    prev_all: list = [torch.as_tensor(group.rho_in[h]) for h in range(order)]
+    for i, blk in enumerate(net.blocks):
+        hidden = i < len(net.hidden)
+        if hidden and alignments is not None:
+            pre_all = extend_to_group(group, alignments[i].pre)[0]
+            lat_all = extend_to_group(group, alignments[i].latent)[0]
+        total = torch.zeros_like(blk.aug)
+        for h in range(order):
+            y = transformed_rows(blk.aug, prev_all[h] if (i == 0 or alignments is not None) else
+                                 LatentAction.identity(blk.weight.shape[1]))
+            if not hidden:
+                y = torch.linalg.solve(torch.as_tensor(group.rho_out[h]), y)
+            elif alignments is not None:
+                y = pre_all[h].inverse().apply_rows(y)
+            total += y
+        blk.aug = total / order
+        if hidden and alignments is not None:
+            prev_all = lat_all
+    return net
+
+
+def symmetrize(
+    model: nn.Module,
+    generators: dict,
+    data: torch.Tensor | None = None,
+    *,
+    balance: bool = True,
+    max_group_order: int = MAX_GROUP_ORDER,
+    return_alignment: bool = False,
+):
+    """An exactly equivariant network close to ``model``: the group average with group-consistent latent actions.
+
+    Args:
+        model: dense ``nn.Sequential`` as for :func:`layerwise.extract`; never modified.
+        generators: ``{name: (input_action, output_action)}``.
+        data: inputs ``(N, ...)`` to align units by their activations (correlations); without, by weights.
+        balance: after reducing to the identifiable submodel (dead, constant and duplicated units have no
+            partner, so the returned model may be narrower), normalize the incoming rows of ReLU-type and polynomial layers (a hidden symmetry, so the
+            function is unchanged), so that aligned units are averaged at comparable scales.
+        return_alignment: also return the per-layer :class:`LayerAlignment` (quality and cost of consistency).
+
+    Returns:
+        A new ``nn.Sequential`` with the same module types and dtype (and the alignments if asked).
+
+    Example:
+        >>> import torch, layerwise
+        >>> from layerwise.testing import planted_mlp, perturb
+        >>> model, planted = planted_mlp("tanh", group="z2", widths=(16,), seed=0)
+        >>> sym = layerwise.symmetrize(perturb(model, 0.05), planted.generators)
+        >>> layerwise.extract(sym, planted.generators).equivariant
+        True
+    """
+    from ..group import FiniteGroup as _FG
+
+    net = parse_dense(model)
+    group = _FG.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
+    if data is not None:
+        data = _check_inputs(data, model)
+    # Dead, constant and duplicated units have no partner to align with: reduce first (the function is unchanged).
+    net, _ = reduce_to_submodel(net, REDUCE_TOL[net.dtype])
+    net = net.to(torch.float64)
+    if balance:
+        for i, blk in enumerate(net.hidden):
+            if blk.family.homogeneous and blk.width:
+                net.transport(i, 1.0 / blk.aug.norm(dim=1).clamp_min(1e-300))
+    alignments = align_network(net, group, data)
+    out = _average(net, group, alignments).to_module()
+    return (out, alignments) if return_alignment else out
+
+
+def naive_average(model: nn.Module, generators: dict, *, max_group_order: int = MAX_GROUP_ORDER) -> nn.Sequential:
+    """The group average without alignment (hidden units matched to themselves): the baseline that alignment must
+    beat (Bökman & Kahl 2023). Only the first and last layers see the group; it is not equivariant in general."""
+    net = parse_dense(model)
+    group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
+    return _average(net, group, None).to_module()
+
+
+def align(model: nn.Module, generators: dict, data: torch.Tensor | None = None, *,
+          max_group_order: int = MAX_GROUP_ORDER) -> list[LayerAlignment]:
+    """Group-consistent latent actions of every hidden layer of a (trained, approximately equivariant) model.
+
+    Each :class:`LayerAlignment` holds per-generator actions (``.latent``, ``.pre``) that form a homomorphism of the
+    whole group, the similarity they achieve (``.quality``) and what unconstrained assignment would achieve.
+    """
+    net = parse_dense(model)
+    group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
+    if data is not None:
+        data = _check_inputs(data, model)
+        with _eval_mode(model):
+            return align_network(net, group, data)
+    return align_network(net, group, None)
