@@ -15,14 +15,26 @@ from ._oracle import (
     homomorphism_residual,
     layer_equivariance_errors,
 )
-from .algorithms import DEFAULT_TOL, ExtractionResult, extract, reduce_to_submodel
+from .algorithms import (
+    DEFAULT_TOL,
+    ExtractionResult,
+    LayerAlignment,
+    LayerMetric,
+    align,
+    extract,
+    layerwise_metrics,
+    naive_average,
+    reduce_to_submodel,
+    symmetrize,
+)
 from .group import FiniteGroup
 from .hidden import LatentAction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TOL", "ExtractionResult", "FiniteGroup", "LatentAction", "LayerwiseError", "assert_layerwise_equivariant",
-    "character", "equivariance_error", "extract", "hidden_outputs", "homomorphism_residual",
-    "layer_equivariance_errors", "nn", "reduce_to_submodel",
+    "DEFAULT_TOL", "ExtractionResult", "FiniteGroup", "LatentAction", "LayerAlignment", "LayerMetric", "LayerwiseError",
+    "align", "assert_layerwise_equivariant", "character", "equivariance_error", "extract", "hidden_outputs",
+    "homomorphism_residual", "layer_equivariance_errors", "layerwise_metrics", "naive_average", "nn",
+    "reduce_to_submodel", "symmetrize",
 ]

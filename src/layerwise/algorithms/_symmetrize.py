@@ -105,9 +105,10 @@ def symmetrize(
         model: dense ``nn.Sequential`` as for :func:`layerwise.extract`; never modified.
         generators: ``{name: (input_action, output_action)}``.
         data: inputs ``(N, ...)`` to align units by their activations (correlations); without, by weights.
-        balance: after reducing to the identifiable submodel (dead, constant and duplicated units have no
-            partner, so the returned model may be narrower), normalize the incoming rows of ReLU-type and polynomial layers (a hidden symmetry, so the
-            function is unchanged), so that aligned units are averaged at comparable scales.
+        balance: normalize the incoming rows of ReLU-type and polynomial layers first (a hidden symmetry, so the
+            function is unchanged), so that aligned units are averaged at comparable scales. The model is always
+            reduced to its identifiable submodel first (dead, constant and duplicated units have no partner), so
+            the returned model may be narrower.
         return_alignment: also return the per-layer :class:`LayerAlignment` (quality and cost of consistency).
 
     Returns:
