@@ -3,3 +3,9 @@ import torch
 #: Stated tolerances by dtype for "unchanged function" checks (relative, Frobenius over a batch).
 FUNCTION_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.float64]
+
+
+def function_rtol(dtype, activation: str = "", depth: int = 1) -> float:
+    """Relative tolerance for an unchanged function: rounding is amplified m-fold per layer by t**m activations."""
+    degree = int(activation[5:]) if activation.startswith("power") else 1
+    return FUNCTION_RTOL[dtype] * degree**depth

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,7 @@ from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
 from ._align import LayerAlignment, activation_similarity, consistent_actions, weight_similarity
 from ._extract import REDUCE_TOL, extend_to_group, transformed_rows
+from ._match import best_scale
 from ._reduce import reduce_to_submodel
 
 
@@ -57,11 +59,19 @@ def align_network(
         return out
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
     for blk in net.hidden:
-        sims = torch.stack([torch.as_tensor(weight_similarity(blk.aug, transformed_rows(blk.aug, p)))
-                            for p in prev]).numpy()
+        moved = [transformed_rows(blk.aug, p) for p in prev]
+        sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
-        prev = extend_to_group(group, al.latent)[0]
+        scaled = dict(al.latent)
+        if blk.family.homogeneous:
+            # the next layer sees this layer through its rescalings too: fit each unit's positive factor
+            for name, act in al.latent.items():
+                b = moved[group.generator_index(name)]
+                s = best_scale(blk.aug[act.perm], b, blk.family.scales).double()
+                mult, off = blk.family.latent(s)
+                scaled[name] = LatentAction(act.perm, mult, off, act.dtype)
+        prev = extend_to_group(group, scaled)[0]
     return out
 
 
