@@ -27,12 +27,14 @@ from torch import nn
 from .._errors import LayerwiseError
 from .._oracle import _check_inputs, _eval_mode
 from ..group import MAX_GROUP_ORDER, FiniteGroup
-from ..hidden import ActivationFamily, LatentAction
+from ..hidden import ActivationFamily
 from ..layers import parse_dense
 from ._align import activation_similarity, best_assignment, signed_latent, weight_similarity
 from ._extract import REDUCE_TOL, extend_to_group, transformed_rows
 from ._reduce import reduce_to_submodel
-from ._symmetrize import _group_inputs, _hidden, align_network
+from ._symmetrize import _group_inputs, _hidden, align_network, chain_action
+
+METRIC_KINDS = ("linear", "constrained_activations", "constrained_weights", "consistent")
 
 
 @dataclass
@@ -100,6 +102,7 @@ def layerwise_metrics(
     inputs: torch.Tensor,
     *,
     seed: int = 0,
+    kinds: tuple[str, ...] = ("linear", "constrained_activations", "constrained_weights", "consistent"),
     max_group_order: int = MAX_GROUP_ORDER,
 ) -> list[LayerMetric]:
     """Per hidden layer and generator, the four layerwise-equivariance errors of the module docstring.
@@ -109,6 +112,7 @@ def layerwise_metrics(
         generators: ``{name: (input_action, output_action)}``; the output actions matter only for the group check.
         inputs: ``(N, ...)`` data or noise; half (at random, seeded) fits, half evaluates. Use ``N`` well above
             the widest layer (the least-squares fit has ``width^2`` unknowns).
+        kinds: which errors to compute (the others are NaN); the group-consistent one is the slowest.
 
     Example:
         >>> import torch, layerwise
@@ -118,6 +122,9 @@ def layerwise_metrics(
         >>> rows[0].constrained_activations < 1e-10
         True
     """
+    unknown = set(kinds) - set(METRIC_KINDS)
+    if unknown:
+        raise LayerwiseError(f"kinds: unknown {sorted(unknown)}; choose from {list(METRIC_KINDS)}")
     x = _check_inputs(inputs, model)
     net = parse_dense(model)
     # the theorem speaks of the identifiable submodel: dead units, say, are not layerwise equivariant but harmless
@@ -131,39 +138,35 @@ def layerwise_metrics(
     with _eval_mode(model), torch.no_grad():
         xs = _group_inputs(group, x)
         acts = [_hidden(net, xh) for xh in xs]
-        consistent = align_network(net, group, x[fit])
+        consistent = align_network(net, group, x[fit]) if "consistent" in kinds else None
         rows: list[LayerMetric] = []
         # weight-based alignment, per generator, layer after layer (unconstrained assignment on cosines)
         prev_w = {name: torch.as_tensor(group.rho_in[group.generator_index(name)]) for name in group.names}
         weight_perm: list[dict[str, np.ndarray]] = []
-        for blk in net.hidden:
-            signed = signed_latent(blk.family)
+        for blk in net.hidden if "constrained_weights" in kinds else []:
             layer = {}
             for name in group.names:
-                sim = weight_similarity(blk.aug, transformed_rows(blk.aug, prev_w[name]))
-                perm, sign, _ = best_assignment(sim, signed)
+                moved = transformed_rows(blk.aug, prev_w[name])
+                perm, sign, _ = best_assignment(weight_similarity(blk.aug, moved), signed_latent(blk.family))
                 layer[name] = perm
-                s_t = torch.as_tensor(sign)
-                mult, off = blk.family.latent(s_t)
-                prev_w[name] = LatentAction(torch.as_tensor(perm), mult, off)
+                prev_w[name] = chain_action(blk, moved, perm, sign)
             weight_perm.append(layer)
         for i, blk in enumerate(net.hidden):
             z = acts[0][i]
-            cons_all = extend_to_group(group, consistent[i].latent)[0]
+            cons_all = extend_to_group(group, consistent[i].latent)[0] if consistent else None
             for name in group.names:
                 h = group.generator_index(name)
                 zg = acts[h][i]
-                linear = _median_rel(zg[ev], _affine_fit(z[fit], zg[fit])(z[ev]), z[ev])
-                sim = activation_similarity(z[fit], zg[fit])
-                perm, _, _ = best_assignment(sim, signed_latent(blk.family))
-                cons_perm = cons_all[h].perm
-                rows.append(LayerMetric(
-                    layer=i + 1,
-                    generator=name,
-                    width=blk.width,
-                    linear=linear,
-                    constrained_activations=_constrained(z, zg, perm, blk.family, fit, ev),
-                    constrained_weights=_constrained(z, zg, weight_perm[i][name], blk.family, fit, ev),
-                    consistent=_constrained(z, zg, cons_perm, blk.family, fit, ev),
-                ))
+                values = dict.fromkeys(METRIC_KINDS, float("nan"))
+                if "linear" in kinds:
+                    values["linear"] = _median_rel(zg[ev], _affine_fit(z[fit], zg[fit])(z[ev]), z[ev])
+                if "constrained_activations" in kinds:
+                    sim = activation_similarity(z[fit], zg[fit])
+                    perm, _, _ = best_assignment(sim, signed_latent(blk.family))
+                    values["constrained_activations"] = _constrained(z, zg, perm, blk.family, fit, ev)
+                if "constrained_weights" in kinds:
+                    values["constrained_weights"] = _constrained(z, zg, weight_perm[i][name], blk.family, fit, ev)
+                if cons_all is not None:
+                    values["consistent"] = _constrained(z, zg, cons_all[h].perm, blk.family, fit, ev)
+                rows.append(LayerMetric(layer=i + 1, generator=name, width=blk.width, **values))
     return rows

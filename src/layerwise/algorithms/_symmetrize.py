@@ -63,16 +63,23 @@ def align_network(
         sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
-        scaled = dict(al.latent)
-        if blk.family.homogeneous:
-            # the next layer sees this layer through its rescalings too: fit each unit's positive factor
-            for name, act in al.latent.items():
-                b = moved[group.generator_index(name)]
-                s = best_scale(blk.aug[act.perm], b, blk.family.scales).double()
-                mult, off = blk.family.latent(s)
-                scaled[name] = LatentAction(act.perm, mult, off, act.dtype)
+        scaled = {name: chain_action(blk, moved[group.generator_index(name)], act.perm, pre.scale)
+                  for (name, act), pre in zip(al.latent.items(), al.pre.values())}
         prev = extend_to_group(group, scaled)[0]
     return out
+
+
+def chain_action(blk, moved: torch.Tensor, perm: torch.Tensor, sign: torch.Tensor) -> LatentAction:
+    """The latent action a weight alignment ``(perm, sign)`` of layer ``blk`` implies for the next layer: for
+    rescalable units (ReLU, powers) the factor of each matched row ``moved[j] ~ s_j aug[perm[j]]`` is fitted, since
+    the next layer sees this layer through those rescalings too."""
+    perm = torch.as_tensor(perm)
+    if blk.family.homogeneous:
+        s = best_scale(blk.aug[perm], moved, blk.family.scales).double()
+    else:
+        s = torch.as_tensor(sign, dtype=torch.float64)
+    mult, off = blk.family.latent(s)
+    return LatentAction(perm, mult, off)
 
 
 def _average(net: DenseNet, group: FiniteGroup, alignments: list[LayerAlignment] | None) -> DenseNet:
