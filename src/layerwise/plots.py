@@ -36,44 +36,59 @@ def unit_types(action: LatentAction) -> list[tuple[str, list[int]]]:
 
 
 def plot_first_layer_orbits(
-    weight: torch.Tensor, action: LatentAction, path: Path, *, title: str, side: int = 8, max_units: int = 64
+    weight: torch.Tensor, action: LatentAction, path: Path, *, title: str, side: int = 8, rows_per_type: int = 2
 ) -> Path:
-    """First-layer filters drawn as ``side x side`` images, grouped by latent orbit and framed by type."""
+    """First-layer filters drawn as ``side x side`` images, grouped by latent orbit and framed by type.
+
+    One section per type (self-symmetric, anti-symmetric, mirrored pairs, negated pairs); partners of a pair sit
+    side by side. At most ``rows_per_type`` rows of 16 cells per type; the legend gives the full counts.
+    """
     groups = unit_types(action)
-    cells: list[tuple[str, int | None]] = []
-    for kind, units in groups:
-        for u in units:
-            cells.append((kind, u))
-        if len(units) > 1:
-            cells.append(("gap", None))
-        if len([c for c in cells if c[1] is not None]) >= max_units:
-            break
     cols = 16
-    rows = max(1, (len(cells) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.75, rows * 0.8 + 0.9), squeeze=False)
+    grid: list[list[tuple[str, int] | None]] = []
+    labels: dict[int, str] = {}
+    for kind in TYPE_COLOURS:
+        orbits = [units for k, units in groups if k == kind]
+        if not orbits:
+            continue
+        slots: list[tuple[str, int] | None] = []
+        for units in orbits:
+            if len(units) == 1:
+                slots.append((kind, units[0]))
+            else:
+                if len(slots) % 3:
+                    slots.extend([None] * (3 - len(slots) % 3))
+                slots.extend([(kind, u) for u in units[:2]] + [None])
+        per_row = cols if len(orbits[0]) == 1 else 15
+        rows = [slots[i : i + per_row] for i in range(0, len(slots), per_row)][:rows_per_type]
+        labels[len(grid)] = f"{kind} ({sum(len(u) for u in orbits)} units)"
+        grid.extend(rows)
+    n_rows = max(1, len(grid))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 0.7, n_rows * 0.85 + 0.7), squeeze=False)
     w = weight.detach().double().cpu().numpy()
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (kind, unit) in zip(axes.ravel(), cells):
-        if unit is None:
-            continue
-        img = w[unit].reshape(side, side)
-        lim = np.abs(img).max() or 1.0
-        ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(TYPE_COLOURS[kind])
-            spine.set_linewidth(2.5)
-    counts = {}
-    for kind, units in groups:
-        counts[kind] = counts.get(kind, 0) + len(units)
-    handles = [plt.Line2D([], [], color=c, lw=4, label=f"{k} ({counts.get(k, 0)} units)")
-               for k, c in TYPE_COLOURS.items()]
-    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(title, y=1.0 + 0.25 / rows, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    for r, row in enumerate(grid):
+        for c, slot in enumerate(row):
+            if slot is None:
+                continue
+            kind, unit = slot
+            ax = axes[r, c]
+            img = w[unit].reshape(side, side)
+            lim = np.abs(img).max() or 1.0
+            ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(TYPE_COLOURS[kind])
+                spine.set_linewidth(2.5)
+        if r in labels:
+            axes[r, 0].set_title(labels[r], loc="left", fontsize=8, color=TYPE_COLOURS[labels[r].split(" (")[0]],
+                                 pad=3, x=0.0, ha="left")
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / fig.get_figheight(), wspace=0.08,
+                        hspace=0.45)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -108,23 +123,31 @@ def plot_metric_bars(rows: list[dict], path: Path, *, metric: str = "linear", ti
 
 
 def plot_emergence(history: list[dict], path: Path, *, title: str, switch_epoch: int | None = None) -> Path:
-    """Layerwise-equivariance errors after every epoch (``history`` rows: epoch, then ``<metric>_f<layer>`` keys)."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    """Layerwise-equivariance errors after every epoch. ``history`` rows hold ``epoch`` and keys
+    ``linear_f<i>``, ``constrained_f<i>`` and ``control_*``: colour by layer, line style by kind."""
+    fig, ax = plt.subplots(figsize=(6.6, 3.7))
     epochs = [h["epoch"] for h in history]
-    keys = [k for k in history[0] if k != "epoch"]
-    styles = {"linear": "-", "constrained": "--", "control": ":"}
-    for k in keys:
-        style = next((v for s, v in styles.items() if k.startswith(s)), "-")
-        ax.plot(epochs, [h[k] for h in history], style, label=k.replace("_", " "), lw=1.6)
+    colours = ["#2b8cbe", "#31a354", "#756bb1", "#e6550d"]
+    for k in (k for k in history[0] if k != "epoch"):
+        layer = int(k.split("_f")[1][0]) if "_f" in k else 1
+        if k.startswith("control"):
+            style, colour = ":", "#636363"
+        else:
+            style, colour = ("-" if k.startswith("linear") else "--"), colours[(layer - 1) % len(colours)]
+        label = k.replace("_f", " f").replace("constrained", "hidden-symmetry (K_i)").replace("linear", "affine")
+        label = label.replace("control_", "control: ")
+        ax.plot(epochs, [h[k] for h in history], style, color=colour, label=label, lw=1.8)
     if switch_epoch is not None:
         ax.axvline(switch_epoch - 0.5, color="grey", lw=0.8)
-        ax.text(switch_epoch - 0.3, ax.get_ylim()[1] * 0.95, "equivariance loss on", fontsize=7, va="top")
+        ax.annotate("equivariance loss on", (switch_epoch - 0.3, 0.98), xycoords=("data", "axes fraction"),
+                    fontsize=7, va="top")
     ax.set_xlabel("epoch (-1 = initialization)")
-    ax.set_ylabel("median relative error")
+    ax.set_ylabel("median relative error (held-out)")
+    ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False, ncol=2)
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
