@@ -9,3 +9,12 @@ def function_rtol(dtype, activation: str = "", depth: int = 1) -> float:
     """Relative tolerance for an unchanged function: rounding is amplified m-fold per layer by t**m activations."""
     degree = int(activation[5:]) if activation.startswith("power") else 1
     return FUNCTION_RTOL[dtype] * degree**depth
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global random state (tests that want variety use hypothesis)."""
+    torch.manual_seed(0)

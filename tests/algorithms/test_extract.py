@@ -218,3 +218,15 @@ def test_equivariant_output_action_d4_on_8x8():
     assert res.equivariant and planted.characters_match(res)
     assert np.allclose(layerwise.character(res.group_latent[0]), planted.characters()[0])
     assert not res.identifiable[0]  # GELU's identifiability is not established, and says so
+
+
+def test_non_canonical_extraction_keeps_the_parameterization():
+    # without extras the reduction keeps every unit in place, so the actions refer to the input's own units
+    model, planted = planted_mlp("relu", group="d4", widths=(24, 16), seed=2, dtype=torch.float64,
+                                 dead=0, constant=0, duplicates=0)
+    res = layerwise.extract(model, planted.generators, canonical=False)
+    assert res.equivariant
+    for a, b in zip(res.model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert not all(a.is_permutation() for acts in res.latent for a in acts.values())  # hidden rescalings show
+    layerwise.assert_layerwise_equivariant(res, torch.randn(64, 16, dtype=torch.float64), planted.generators)

@@ -234,6 +234,7 @@ def extract(
     *,
     tol: float | None = None,
     max_group_order: int = MAX_GROUP_ORDER,
+    canonical: bool = True,
     device: torch.device | str | None = None,
 ) -> ExtractionResult:
     """Find every hidden layer's latent group action, exactly, with a certificate.
@@ -246,6 +247,9 @@ def extract(
             the first Linear (flattened input).
         tol: certificate tolerance on the worst relative residual (default :data:`DEFAULT_TOL` by dtype).
         max_group_order: refuse groups larger than this.
+        canonical: move to the canonical point of the fiber (ReLU-type layers get permutation actions, signs only
+            where the group acts by a character). With ``False`` the returned model keeps the input's
+            parameterization (reduced only) and the actions are the ones it has.
         device: where to compute (default: where the model's weights are).
 
     Returns:
@@ -273,11 +277,11 @@ def extract(
     group_latent = [e[0] for e in extended]
     hom = max((e[1] for e in extended), default=0.0)
     failure, failed = _first_failure(first, tol, hom, reduced)
-    if failure is None:
+    if failure is None and canonical:
         _canonical_parameters(reduced, group, group_latent)
     out_model = reduced.to_module()
     final_net = parse_dense(out_model, device=device)
-    sweep = _sweep(final_net, group, tol, canonical=failure is None) if failure is None else first
+    sweep = _sweep(final_net, group, tol, canonical=canonical) if failure is None else first
     if failure is None:
         extended = [extend_to_group(group, acts) for acts in sweep.actions]
         group_latent = [e[0] for e in extended]

@@ -40,27 +40,32 @@ def _hidden(net: DenseNet, x: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+#: Weight of the weight similarity next to activation correlations (a tie-breaker for units inactive on the data).
+WEIGHT_TIEBREAK = 1e-2
+
+
 def align_network(
     net: DenseNet, group: FiniteGroup, data: torch.Tensor | None = None
 ) -> list[LayerAlignment]:
     """Group-consistent latent actions of every hidden layer, from activations on ``data`` or from weights.
 
-    From weights the layers are aligned in order: layer ``i``'s similarity under ``h`` compares
-    ``[W_i L_{i-1}(h) | ...]`` with ``[W_i | b_i]``, using the consistent actions already chosen for layer ``i-1``.
+    Layers are aligned in order: layer ``i``'s weight similarity under ``h`` compares ``[W_i L_{i-1}(h) | ...]``
+    with ``[W_i | b_i]``, using the actions already chosen for layer ``i-1``. With ``data`` the similarity is the
+    correlation of activations, plus ``WEIGHT_TIEBREAK`` times the weight similarity, which decides only for units
+    that are (nearly) inactive on the data and so have no informative correlation.
     """
     out: list[LayerAlignment] = []
+    acts = None
     if data is not None:
         with torch.no_grad():
             acts = [_hidden(net, xh.to(net.blocks[0].aug.dtype)) for xh in _group_inputs(group, data)]
-        for i, blk in enumerate(net.hidden):
-            sims = torch.stack([torch.as_tensor(activation_similarity(acts[0][i], acts[h][i]))
-                                for h in range(group.order)]).numpy()
-            out.append(consistent_actions(sims, group, blk.family, net.dtype))
-        return out
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
-    for blk in net.hidden:
+    for i, blk in enumerate(net.hidden):
         moved = [transformed_rows(blk.aug, p) for p in prev]
         sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
+        if acts is not None:
+            sims = WEIGHT_TIEBREAK * sims + np.stack(
+                [activation_similarity(acts[0][i], acts[h][i]) for h in range(group.order)])
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
         scaled = {name: chain_action(blk, moved[group.generator_index(name)], act.perm, pre.scale)
