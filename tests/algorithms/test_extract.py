@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -99,6 +99,8 @@ def test_failure_in_the_output_layer_is_located():
     dtype=st.sampled_from(DTYPES),
 )
 def test_planted_recovery_random(activation, group, widths, image, seed, dtype):
+    # a degree-27 polynomial network overflows float32 on its own: not what this test is about
+    assume(not (activation == "power3" and len(widths) == 3 and dtype == torch.float32))
     model, planted = planted_mlp(activation, group=group, image=image, widths=tuple(widths), seed=seed, dtype=dtype)
     res = layerwise.extract(model, planted.generators)
     assert res.equivariant, res.summary()
