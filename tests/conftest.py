@@ -11,7 +11,15 @@ def function_rtol(dtype, activation: str = "", depth: int = 1) -> float:
     return FUNCTION_RTOL[dtype] * degree**depth
 
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs derandomized (reproducible); locally hypothesis explores new examples on every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
