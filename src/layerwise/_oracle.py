@@ -12,6 +12,7 @@ from torch import nn
 
 from ._errors import LayerwiseError
 from .group import FiniteGroup, action_matrix, generator_pairs
+from .group._actions import _to_numpy
 from .hidden import LatentAction
 
 
@@ -21,7 +22,11 @@ def _feature_action(action, x: torch.Tensor, where: str) -> torch.Tensor:
         return x
     last = x.shape[-1]
     flat = math.prod(x.shape[1:])
-    size = action.shape[0] if hasattr(action, "shape") and len(action.shape) else len(action)
+    arr = _to_numpy(action, where)
+    if arr.ndim == 0 or arr.ndim > 2:
+        raise LayerwiseError(f"{where}: an action must be a permutation, a square matrix or None, got shape "
+                             f"{arr.shape}")
+    size = arr.shape[0]
     if size == last:
         mat = action_matrix(action, last, where)
         return x @ torch.as_tensor(mat.T, dtype=x.dtype, device=x.device)
@@ -52,7 +57,20 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def _forward(model: nn.Module, x: torch.Tensor, where: str = "inputs") -> torch.Tensor:
+    """Run the model; a shape or dtype mismatch deep inside torch becomes a LayerwiseError naming the inputs."""
+    try:
+        return model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerwiseError(
+            f"{where}: the model cannot run on a batch of shape {tuple(x.shape)} ({first_line})"
+        ) from None
+
+
 def _check_inputs(inputs, model: nn.Module) -> torch.Tensor:
+    if not isinstance(model, nn.Module):
+        raise LayerwiseError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, torch.Tensor):
         raise LayerwiseError(f"inputs: expected a tensor, got {type(inputs).__name__}")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
@@ -61,7 +79,9 @@ def _check_inputs(inputs, model: nn.Module) -> torch.Tensor:
         raise LayerwiseError(f"inputs: expected floating point values, got dtype {inputs.dtype}")
     if not torch.isfinite(inputs).all():
         raise LayerwiseError(f"inputs: {int((~torch.isfinite(inputs)).sum())} NaN or infinite values")
-    return inputs.to(_model_dtype(model))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else inputs.device
+    return inputs.to(dtype=_model_dtype(model), device=device)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,11 +105,11 @@ def equivariance_error(model: nn.Module, generators: dict, inputs: torch.Tensor)
     x = _check_inputs(inputs, model)
     worst = 0.0
     with _eval_mode(model):
-        fx = model(x)
+        fx = _forward(model, x)
         for name, act_in, act_out in pairs:
             gx = _feature_action(act_in, x, f"generators[{name!r}][0] (input action)")
             gfx = _feature_action(act_out, fx, f"generators[{name!r}][1] (output action)")
-            worst = max(worst, _rel(model(gx), gfx))
+            worst = max(worst, _rel(_forward(model, gx), gfx))
     return worst
 
 
@@ -103,7 +123,7 @@ def hidden_outputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
     with _eval_mode(model):
         z = x
         for i, mod in enumerate(net.modules):
-            z = mod(z)
+            z = _forward(mod, z, f"inputs (at module {i})")
             if i in marks:
                 outs.append(z)
     return outs

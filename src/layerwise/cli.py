@@ -61,6 +61,158 @@ def _cmd_planted(args: argparse.Namespace) -> int:
     return 0 if (res.equivariant and demo.characters_match) else 1
 
 
+def _load(args: argparse.Namespace):
+    from ._oracle import _model_dtype
+    from .io import load_model, parse_symmetry
+    from .layers import parse_dense
+
+    model = load_model(args.checkpoint, args.arch, trust=args.trust_checkpoint)
+    net = parse_dense(model)
+    gens = parse_symmetry(args.symmetry, net.in_features, net.out_features, args.output_action)
+    data = None
+    if getattr(args, "data", None):
+        from .io import load_state_dict
+
+        obj = load_state_dict(args.data)
+        tensors = [v for v in obj.values()] if isinstance(obj, dict) else []
+        if len(tensors) != 1:
+            raise LayerwiseError(f"--data: expected a file holding one tensor (saved as {{'x': tensor}}), got "
+                                 f"{len(tensors)} tensors")
+        data = tensors[0].to(_model_dtype(model))
+    return model, net, gens, data
+
+
+def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
+    import json
+    from pathlib import Path
+
+    payload = _json_safe(payload)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.command}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
+    if args.json:
+        print(json.dumps(payload, indent=2, allow_nan=False))
+    else:
+        print(text)
+
+
+def _json_safe(obj):
+    """Strict JSON: non-finite floats become the strings 'inf', '-inf', 'nan'."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def _first_layer_figure(args, model, latent_action, in_features: int) -> str | None:
+    import math
+    from pathlib import Path
+
+    side = int(math.isqrt(in_features))
+    if not args.out or side * side != in_features or latent_action is None:
+        return None
+    if not all(len(c) <= 2 for c in latent_action.cycles()):
+        return None
+    from .plots import plot_first_layer_orbits
+
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "first_layer.png"
+    plot_first_layer_orbits(first.weight, latent_action, path, side=side,
+                            title=f"First-layer filters of {Path(args.checkpoint).name}, grouped by latent orbit")
+    return str(path)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from . import DEFAULT_TOL, equivariance_error, layerwise_metrics
+    from ._oracle import _model_dtype
+
+    model, net, gens, data = _load(args)
+    dtype = _model_dtype(model)
+    if data is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        data = torch.randn(args.samples, net.in_features, generator=gen, dtype=dtype)
+    tol = args.tol if args.tol is not None else DEFAULT_TOL[dtype]
+    err = equivariance_error(model, gens, data)
+    rows = layerwise_metrics(model, gens, data, kinds=("linear", "constrained_activations")) if len(data) >= 4 else []
+    ok = err <= tol
+    payload = {"command": "check", "checkpoint": str(args.checkpoint), "equivariance_error": err, "tolerance": tol,
+               "equivariant": ok, "samples": len(data), "layers": [r.as_dict() for r in rows]}
+    lines = [f"{'EQUIVARIANT' if ok else 'NOT equivariant'}: end-to-end relative error {err:.3g} "
+             f"(tolerance {tol:g}) on {len(data)} {'data' if args.data else 'Gaussian'} inputs"]
+    for r in rows:
+        lines.append(f"  hidden layer {r.layer} ({r.width} units), {r.generator}: affine fit error {r.linear:.3g}, "
+                     f"hidden-symmetry fit error {r.constrained_activations:.3g}")
+    _emit(args, payload, "\n".join(lines))
+    return 0 if ok else 1
+
+
+def _latent_json(res) -> list:
+    return [{name: {"summary": a.summary(), "perm": a.perm.tolist(), "scale": a.scale.tolist(),
+                    "offset": a.offset64.tolist()} for name, a in acts.items()} for acts in res.latent]
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from . import extract
+
+    model, net, gens, _ = _load(args)
+    res = extract(model, gens, tol=args.tol)
+    first = res.latent[0][next(iter(gens))] if res.latent else None
+    figure = _first_layer_figure(args, res.model, first, net.in_features) if res.equivariant else None
+    payload = {"command": "extract", "checkpoint": str(args.checkpoint), "equivariant": res.equivariant,
+               "residual": res.residual, "tolerance": res.tol, "first_failure": res.first_failure,
+               "reduction": [r.summary() for r in res.reduction], "families": res.families,
+               "latent": _latent_json(res), "figure": figure}
+    _emit(args, payload, res.summary())
+    return 0 if res.equivariant else 1
+
+
+def _cmd_symmetrize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import equivariance_error, extract, symmetrize
+    from .io import save_state_dict
+
+    src = Path(args.checkpoint)
+    dest = Path(args.save) if args.save else src.with_name(f"{src.stem}.symmetrized{src.suffix or '.pt'}")
+    if dest.resolve() == src.resolve() and not args.overwrite:
+        raise LayerwiseError(f"--save: {dest} is the input checkpoint; pass --overwrite to replace it")
+    if dest.exists() and not args.overwrite:
+        raise LayerwiseError(f"--save: {dest} exists; pass --overwrite to replace it")
+    model, net, gens, data = _load(args)
+    sym = symmetrize(model, gens, data)
+    res = extract(sym, gens)
+    save_state_dict(sym.state_dict(), dest, overwrite=args.overwrite)
+    x = data if data is not None else torch.randn(256, net.in_features, dtype=next(sym.parameters()).dtype)
+    sizes = [m.in_features for m in sym if isinstance(m, torch.nn.Linear)] + [net.out_features]
+    payload = {"command": "symmetrize", "checkpoint": str(src), "written": str(dest),
+               "equivariance_error": equivariance_error(sym, gens, x), "certified": res.equivariant,
+               "residual": res.residual, "widths": sizes}
+    text = (f"wrote {dest} (hidden widths {sizes[1:-1]}; the reduction may remove dead or duplicated units)\n"
+            f"end-to-end error {payload['equivariance_error']:.3g}; " + res.summary())
+    _emit(args, payload, text)
+    return 0 if res.equivariant else 1
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="state_dict saved with torch.save, or a .safetensors file")
+    p.add_argument("--arch", help="mlp:64-128-10:tanh, mlp:64-128-64-10:tanh,gelu, mlp:auto:tanh, or module:function")
+    p.add_argument("--symmetry", required=True, help="hflip:8x8, vflip:8x8, rot90:8x8, d4:8x8, or a .json file")
+    p.add_argument("--output-action", choices=["invariant", "equivariant"], default="invariant",
+                   help="how presets act on outputs (default: invariant, as for a classifier)")
+    p.add_argument("--tol", type=float, default=None, help="tolerance (default by dtype: 1e-4 float32, 1e-8 float64)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--out", help="folder for a JSON report and figures")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a pickled full model (executes code from the file; only for files you trust)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerwise",
@@ -84,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     planted.add_argument("--seed", type=int, default=0)
     planted.add_argument("--float64", action="store_true", help="build the network in float64 (default float32)")
     planted.set_defaults(func=_cmd_planted)
+    check = sub.add_parser("check", help="end-to-end and per-layer equivariance of a checkpoint (exit 0: within "
+                                         "tolerance, 1: not, 2: bad input)")
+    _checkpoint_args(check)
+    check.add_argument("--data", help="a .pt file holding one tensor of inputs (default: Gaussian noise)")
+    check.add_argument("--samples", type=int, default=1024, help="number of Gaussian inputs (default 1024)")
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=_cmd_check)
+    ext = sub.add_parser("extract", help="exact latent actions with a certificate (exit 0: certified, 1: not)")
+    _checkpoint_args(ext)
+    ext.set_defaults(func=_cmd_extract)
+    sym = sub.add_parser("symmetrize", help="write an exactly equivariant checkpoint (exit 0: certified)")
+    _checkpoint_args(sym)
+    sym.add_argument("--data", help="a .pt file holding one tensor of inputs to align by activations "
+                                    "(default: align by weights)")
+    sym.add_argument("--save", help="where to write (default: CHECKPOINT.symmetrized.pt beside the input)")
+    sym.add_argument("--overwrite", action="store_true", help="allow replacing an existing file")
+    sym.set_defaults(func=_cmd_symmetrize)
     return parser
 
 

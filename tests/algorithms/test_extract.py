@@ -232,3 +232,10 @@ def test_non_canonical_extraction_keeps_the_parameterization():
         assert torch.equal(a, b)
     assert not all(a.is_permutation() for acts in res.latent for a in acts.values())  # hidden rescalings show
     layerwise.assert_layerwise_equivariant(res, torch.randn(64, 16, dtype=torch.float64), planted.generators)
+
+
+def test_meta_device_weights_are_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(LayerwiseError, match="meta device"):
+        layerwise.extract(model, {"g": (None, None)})

@@ -159,7 +159,8 @@ class ExtractionResult:
 
     Attributes:
         equivariant: the certificate holds: ``residual <= tol``.
-        residual: worst relative residual over generators, layers, the output check and the group relations.
+        residual: worst relative residual over generators, layers, the output check and (when every sweep
+            succeeded) the group relations.
         model: reduced, reparameterized ``nn.Sequential``; same function, module types and dtype.
         latent: per hidden layer of ``model``, ``{generator name: LatentAction}``.
         tol: the tolerance used (see :data:`DEFAULT_TOL`).
@@ -287,8 +288,11 @@ def extract(
         group_latent = [e[0] for e in extended]
         hom = max((e[1] for e in extended), default=0.0)
         failure, failed = _first_failure(sweep, tol, hom, final_net)
+    # relations are only meaningful when every generator's sweep succeeded
+    sweep_failed = failed is not None
     worst = max(
-        [r for res in sweep.residuals for r in res.values()] + list(sweep.output.values()) + [hom]
+        [r for res in sweep.residuals for r in res.values()] + list(sweep.output.values())
+        + ([] if sweep_failed else [hom])
     )
     return ExtractionResult(
         equivariant=failure is None,

@@ -153,6 +153,8 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
                     "layer has hidden symmetry group GL(n) and is not identifiable)"
                 )
             w = mod.weight.detach()
+            if w.device.type == "meta":
+                raise LayerwiseError(f"{where}: weights on the meta device have no values; load them first")
             if w.dtype not in (torch.float32, torch.float64):
                 raise LayerwiseError(f"{where}: weights of dtype {w.dtype}; only float32 and float64 are supported")
             if dtype is None:
