@@ -307,3 +307,133 @@ def perturb(model: nn.Module, rel: float, seed: int = 0) -> nn.Module:
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
             p.add_(rel * p.abs().mean() * noise)
     return out
+
+
+_SPATIAL_INV = {"hflip": lambda a: a.flip(-1), "vflip": lambda a: a.flip(-2),
+                "rot90": lambda a: torch.rot90(a, -1, dims=(-2, -1))}
+
+
+def planted_cnn(
+    activation: str = "tanh",
+    *,
+    group: str = "z2",
+    image: int = 8,
+    channels: tuple[int, ...] = (8, 8),
+    kernel: int = 3,
+    n_out: int = 3,
+    batchnorm: bool = False,
+    hide: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Sequential, Planted]:
+    """A CNN ``Conv2d -> act -> ... -> AdaptiveAvgPool2d(1) -> Flatten -> Linear`` on ``1 x image x image`` inputs
+    whose convolutions are equivariant under a planted channel representation combined with the spatial action of
+    ``group`` (``"z2"``: left-right flip, ``"d4"``: rotations by 90 degrees and flips); the output is invariant.
+
+    Filters are group averages ``F = mean_g K_out(g)^-1 T_g^-1(F K_in(g))`` (``conv(T x, F) = T conv(x, T^-1 F)``),
+    channels come in regular blocks, trivial channels and (where the activation allows) sign channels, and every
+    layer is then hidden by a random channel permutation with factors from its hidden symmetry group. With
+    ``batchnorm`` an eval-mode BatchNorm2d with random statistics follows each convolution, compensated so that
+    folding it gives the planted filters. ``Planted.latent`` holds the planted channel actions; pass
+    ``input_shape=(1, image, image)`` to :func:`layerwise.extract`.
+    """
+    if activation not in ACTIVATIONS or activation == "sigmoid":
+        raise LayerwiseError(f"activation: expected one of {sorted(set(ACTIVATIONS) - {'sigmoid'})}, got "
+                             f"{activation!r}")
+    gen = torch.Generator().manual_seed(seed)
+    names = {"z2": ("hflip",), "d4": ("rot90", "hflip")}.get(group)
+    if names is None:
+        raise LayerwiseError(f"group: expected 'z2' or 'd4', got {group!r}")
+    generators = {n: (n, None) for n in names}
+    from .layers._conv import spatial_permutation
+
+    grp = FiniteGroup.from_generators({n: (spatial_permutation(n, (1, image, image)), None) for n in names},
+                                      image * image, n_out)
+    fam = family_of(ACTIVATIONS[activation](), "activation")
+    regular = _regular(grp)
+    chi = {name: (-1.0 if j == 0 else 1.0) for j, name in enumerate(grp.names)}
+    sign_unit = {n: LatentAction(torch.zeros(1, dtype=torch.long), torch.tensor([chi[n]])) for n in grp.names}
+    trivial = {n: LatentAction.identity(1) for n in grp.names}
+    allow_sign = fam.scales in ("sign", "nonzero")
+
+    def t_inv(word, a):  # T_g^-1 for g = s1 s2 ... sk: apply s1^-1 first
+        for s in word:
+            a = _SPATIAL_INV[s](a)
+        return a
+
+    prev = extend_to_group(grp, trivial)[0]  # the input's single channel is trivial
+    convs, pre_all_layers, comp = [], [], []
+    c_in = 1
+    for li, c in enumerate(channels):
+        last = li == len(channels) - 1
+        n_sign = 0 if (not allow_sign or last) else c // 4
+        if li == 0:
+            # filters of a single input channel that flip sign under the character span one dimension for D4:
+            # more sign channels would be collinear rows, i.e. duplicated units
+            n_sign = min(n_sign, 1)
+        n_reg = max(1, (c - n_sign - c // 4) // grp.order)
+        n_triv = max(0, c - n_sign - n_reg * grp.order)
+        pre = _direct_sum([regular] * n_reg + [trivial] * n_triv + [sign_unit] * n_sign, grp.names)
+        comp.append((n_reg, n_triv, n_sign))
+        pre_all = extend_to_group(grp, pre)[0]
+        c_out = pre_all[0].size
+        raw = torch.randn(c_out, c_in, kernel, kernel, generator=gen, dtype=torch.float64)
+        braw = torch.randn(c_out, generator=gen, dtype=torch.float64)
+        w = torch.zeros_like(raw)
+        b = torch.zeros_like(braw)
+        for h in range(grp.order):
+            fk = torch.empty_like(raw)
+            fk[:, prev[h].perm] = raw * prev[h].scale[None, :, None, None]  # F K_in
+            moved = t_inv(grp.words[h], fk)
+            inv = pre_all[h].inverse()
+            w += inv.apply_rows(moved.reshape(c_out, -1)).reshape(raw.shape)
+            b += inv.apply_rows(braw[:, None])[:, 0]
+        w, b = w / grp.order, b / grp.order
+        scale = 1.5 / max(float(w.reshape(c_out, -1).norm(dim=1).mean()), 1e-12)
+        convs.append([w * scale, b * scale])
+        pre_all_layers.append(pre_all)
+        prev = [_latent_of(a, fam) for a in pre_all]
+        c_in = c_out
+    r = torch.randn(n_out, c_in + 1, generator=gen, dtype=torch.float64)
+    head = sum(_times_inverse(r, k) for k in prev) / grp.order  # invariant output: rho_L = 1
+    latent = [[_latent_of(a, fam) for a in pre_all] for pre_all in pre_all_layers]
+
+    if hide:
+        for li in range(len(convs)):
+            c = convs[li][0].shape[0]
+            k_pre = LatentAction(torch.randperm(c, generator=gen), _random_factor(fam, c, gen))
+            w, b = convs[li]
+            convs[li] = [k_pre.apply_rows(w.reshape(c, -1)).reshape(w.shape), k_pre.apply_rows(b[:, None])[:, 0]]
+            lat = _latent_of(k_pre, fam)
+            if li + 1 < len(convs):
+                nw = convs[li + 1][0]
+                convs[li + 1][0] = nw[:, lat.perm] / lat.scale[None, :, None, None]
+            else:
+                head = _times_inverse(head, lat)
+
+    mods: list[nn.Module] = []
+    c_in = 1
+    for w, b in convs:
+        conv = nn.Conv2d(c_in, w.shape[0], kernel, padding=kernel // 2, dtype=dtype)
+        if batchnorm:
+            bn = nn.BatchNorm2d(w.shape[0], dtype=dtype)
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(w.shape[0], generator=gen))
+                bn.running_var.copy_(torch.rand(w.shape[0], generator=gen) + 0.5)
+                bn.weight.copy_(torch.rand(w.shape[0], generator=gen) + 0.5)
+                bn.bias.copy_(torch.randn(w.shape[0], generator=gen))
+                s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()
+                w = w / s[:, None, None, None]
+                b = (b - bn.bias.double()) / s + bn.running_mean.double()
+            bn.eval()
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+        mods += [conv, bn, ACTIVATIONS[activation]()] if batchnorm else [conv, ACTIVATIONS[activation]()]
+        c_in = w.shape[0]
+    lin = nn.Linear(c_in, n_out, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(head[:, :-1])
+        lin.bias.copy_(head[:, -1])
+    mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin]
+    return nn.Sequential(*mods), Planted(generators, grp, latent, comp, [(0, 0, 0)] * len(channels))

@@ -236,6 +236,7 @@ def extract(
     tol: float | None = None,
     max_group_order: int = MAX_GROUP_ORDER,
     canonical: bool = True,
+    input_shape: tuple[int, int, int] | None = None,
     device: torch.device | str | None = None,
 ) -> ExtractionResult:
     """Find every hidden layer's latent group action, exactly, with a certificate.
@@ -251,6 +252,10 @@ def extract(
         canonical: move to the canonical point of the fiber (ReLU-type layers get permutation actions, signs only
             where the group acts by a character). With ``False`` the returned model keeps the input's
             parameterization (reduced only) and the actions are the ones it has.
+        input_shape: ``(C, H, W)`` of one input image, required for CNNs (models with ``Conv2d``). For CNNs
+            actions may also be ``"hflip"``, ``"vflip"``, ``"rot90"`` on ``(N, C, H, W)`` tensors, and the latent
+            action of a convolutional layer is a :class:`SpatialLatentAction` (channel matrix ``.matrix``, offset
+            ``.offset``, spatial transform ``.spatial``); see :mod:`layerwise.algorithms._extract_cnn`.
         device: where to compute (default: where the model's weights are).
 
     Returns:
@@ -265,6 +270,14 @@ def extract(
         >>> res.equivariant
         True
     """
+    from ..layers._conv import is_cnn
+
+    if is_cnn(model):
+        from ._extract_cnn import extract_cnn
+
+        if input_shape is None:
+            raise LayerwiseError("input_shape: a CNN needs the (C, H, W) shape of one input image")
+        return extract_cnn(model, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order)
     net = parse_dense(model, device=device)
     if tol is None:
         tol = DEFAULT_TOL[net.dtype]

@@ -1,0 +1,131 @@
+"""Exact extraction for small CNNs, through their dense view (``layers._conv``).
+
+The sweep of :mod:`._extract` runs on the unrolled network, whose hidden units are (channel, position) pairs; on a
+convolutional layer the action it finds must then factor as a channel action (the layer's hidden symmetry group
+acting on channels) combined with the spatial transform of the generator: ``perm[c, q] = (pi(c), T(q))`` with one
+factor per channel. That factorization is checked and reported; a failure counts as a failed certificate.
+Stage one: no reduction to the submodel and no canonical reparameterization for CNNs yet (the returned model is the
+BatchNorm-folded input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._errors import LayerwiseError
+from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
+from ..hidden import LatentAction
+from ..layers._conv import SPATIAL, parse_cnn, spatial_permutation
+from ._extract import ExtractionResult, _first_failure, _sweep, extend_to_group
+
+
+@dataclass
+class SpatialLatentAction:
+    """The latent action of a generator on a convolutional layer: ``z -> channel(T(z))`` on ``(N, C, H, W)``.
+
+    Attributes:
+        channel: the channel action (a :class:`LatentAction` on ``C`` channels).
+        spatial: the name of the spatial transform ``T`` (``"hflip"``, ``"vflip"``, ``"rot90"``) or ``None``.
+        matrix, offset: the channel matrix (``C x C``) and offset, as ``channel.matrix`` / ``channel.offset``.
+    """
+
+    channel: LatentAction
+    spatial: str | None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.channel.matrix
+
+    @property
+    def offset(self) -> torch.Tensor:
+        return self.channel.offset
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        moved = SPATIAL[self.spatial](z) if self.spatial else z
+        s = self.channel.scale.to(z.dtype)[:, None, None]
+        return moved[..., self.channel.perm, :, :] * s + self.channel.offset64.to(z.dtype)[:, None, None]
+
+    def summary(self) -> str:
+        return f"{self.spatial or 'no spatial transform'} x channels: {self.channel.summary()}"
+
+    def __repr__(self) -> str:
+        return f"SpatialLatentAction({self.summary()})"
+
+
+def _resolve(action, shape: tuple[int, ...], where: str):
+    """A spatial string becomes the permutation of the flattened tensor; other actions pass through."""
+    if isinstance(action, str):
+        if len(shape) != 3:
+            raise LayerwiseError(f"{where}: spatial action {action!r} needs (C, H, W) tensors, got shape {shape}")
+        return spatial_permutation(action, shape), action
+    return action, None
+
+
+def _factor(act: LatentAction, shape: tuple[int, int, int], spatial: str | None) -> LatentAction | None:
+    c, h, w = shape
+    hw = h * w
+    sp = spatial_permutation(spatial, (1, h, w)) if spatial else torch.arange(hw)
+    perm = act.perm.reshape(c, hw)
+    ch = perm // hw
+    if not torch.equal(ch, ch[:, :1].expand(-1, hw)) or not torch.equal(perm % hw, sp[None, :].expand(c, -1)):
+        return None
+    scale = act.scale.reshape(c, hw)
+    off = act.offset64.reshape(c, hw)
+    if not (torch.allclose(scale, scale[:, :1]) and torch.allclose(off, off[:, :1])):
+        return None
+    return LatentAction(ch[:, 0].clone(), scale[:, 0].clone(), off[:, 0].clone(), act.dtype)
+
+
+def extract_cnn(
+    model: nn.Module, generators: dict, *, input_shape, tol: float | None = None,
+    max_group_order: int = MAX_GROUP_ORDER,
+) -> ExtractionResult:
+    """:func:`layerwise.extract` for CNNs; ``input_shape = (C, H, W)`` of one input image."""
+    from ._extract import DEFAULT_TOL
+
+    net, layout, folded = parse_cnn(model, input_shape)
+    tol = DEFAULT_TOL[net.dtype] if tol is None else tol
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise LayerwiseError(f"tol: expected a positive finite number, got {tol!r}")
+    resolved, spatial = {}, {}
+    for name, act_in, act_out in generator_pairs(generators):
+        a_in, spatial[name] = _resolve(act_in, layout.input_shape, f"generators[{name!r}][0]")
+        a_out, _ = _resolve(act_out, layout.output_shape, f"generators[{name!r}][1]")
+        resolved[name] = (a_in, a_out)
+    group = FiniteGroup.from_generators(resolved, net.in_features, net.out_features, max_order=max_group_order)
+    sweep = _sweep(net, group, tol, canonical=False)
+    extended = [extend_to_group(group, acts) for acts in sweep.actions]
+    hom = max((e[1] for e in extended), default=0.0)
+    failure, failed = _first_failure(sweep, tol, hom, net)
+    latent: list[dict] = []
+    group_latent: list[list[LatentAction]] = []
+    for i, (acts, shape) in enumerate(zip(sweep.actions, layout.hidden_shapes)):
+        if len(shape) != 3:
+            latent.append(acts)
+            group_latent.append(extended[i][0])
+            continue
+        layer = {}
+        for name, act in acts.items():
+            ch = _factor(act, shape, spatial[name])
+            if ch is None:
+                if failure is None:
+                    failure, failed = (f"hidden layer {i + 1}: the action of {name!r} is not a channel action "
+                                       f"combined with {spatial[name] or 'no spatial transform'}"), i
+                ch = LatentAction.identity(shape[0], net.dtype)
+            layer[name] = SpatialLatentAction(ch, spatial[name])
+        latent.append(layer)
+        group_latent.append(extend_to_group(group, {n: a.channel for n, a in layer.items()})[0])
+    worst = max([r for res in sweep.residuals for r in res.values()] + list(sweep.output.values())
+                + ([] if failed is not None else [hom]))
+    if failure is not None and worst <= tol:
+        worst = 1.0  # the factorization failed although every match verified
+    return ExtractionResult(
+        equivariant=failure is None, residual=float(worst), model=folded, latent=latent, tol=float(tol),
+        group=group, group_latent=group_latent, layer_residuals=sweep.residuals, output_residual=sweep.output,
+        homomorphism_residual=float(hom), first_failure=failure, failed_layer=failed, reduction=[],
+        families=[b.family.name for b in net.hidden], identifiable=[b.family.identifiable for b in net.hidden],
+    )

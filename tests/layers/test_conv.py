@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layerwise
+from layerwise import LayerwiseError
+from layerwise.layers._conv import SPATIAL, fold_batchnorm, parse_cnn, spatial_permutation
+from layerwise.testing import perturb, planted_cnn
+
+from ..conftest import DTYPES
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["hflip", "vflip", "rot90"])
+def test_spatial_permutation_matches_the_transform(name):
+    x = torch.randn(5, 3, 6, 6)
+    p = spatial_permutation(name, (3, 6, 6))
+    assert torch.equal(x.reshape(5, -1)[:, p].reshape(5, 3, 6, 6), SPATIAL[name](x))
+
+
+@pytest.mark.parametrize("name", ["hflip", "vflip", "rot90"])
+def test_the_adjunction_moves_the_transform_into_the_filters(name):
+    # conv(T x, F) = T conv(x, T^-1 F): the identity the planted CNNs rely on
+    inverse = {"hflip": SPATIAL["hflip"], "vflip": SPATIAL["vflip"], "rot90": lambda a: torch.rot90(a, -1, (-2, -1))}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    lhs = F.conv2d(SPATIAL[name](x), w, padding=1)
+    torch.testing.assert_close(lhs, SPATIAL[name](F.conv2d(x, inverse[name](w), padding=1)), rtol=1e-12, atol=1e-12)
+
+
+def test_dense_view_computes_the_same_function():
+    model, _ = planted_cnn("tanh", group="z2", channels=(6, 5), seed=0, dtype=torch.float64, batchnorm=True)
+    model = nn.Sequential(*list(model)[:-3], nn.AvgPool2d(2), nn.Flatten(), nn.Linear(5 * 16, 3, dtype=torch.float64))
+    net, layout, folded = parse_cnn(model, SHAPE)
+    x = torch.randn(10, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward(x), model(x), rtol=1e-10, atol=1e-10)
+    assert layout.hidden_shapes == [(6, 8, 8), (5, 8, 8)] and layout.output_shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batchnorm_folding_is_exact(dtype):
+    model, _ = planted_cnn("relu", group="z2", channels=(6, 6), seed=3, dtype=dtype, batchnorm=True)
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded)
+    x = torch.randn(10, 1, 8, 8, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        assert float((folded(x) - model(x)).norm() / model(x).norm()) < tol
+    for k, v in model.state_dict().items():  # the input is untouched
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", ["z2", "d4"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "power3", "leaky_relu"])
+def test_planted_cnn_is_certified_and_recovered(activation, group, dtype):
+    channels = (8, 8) if group == "z2" else (16, 16)
+    model, planted = planted_cnn(activation, group=group, channels=channels, seed=2, dtype=dtype,
+                                 batchnorm=activation == "relu")
+    res = layerwise.extract(model, planted.generators, input_shape=SHAPE)
+    assert res.equivariant, res.summary()
+    assert planted.characters_match(res)  # channel characters of every group element
+    for layer in res.latent:
+        for name, act in layer.items():
+            assert act.spatial == name and act.matrix.shape == (act.channel.size,) * 2
+    # the reported action is what the layer does: layer(T x) == channel(T(layer(x)))
+    x = torch.randn(6, 1, 8, 8, dtype=dtype)
+    conv, act_mod = res.model[0], res.model[2 if activation == "relu" else 1]
+    for name, a in res.latent[0].items():
+        with torch.no_grad():
+            lhs = act_mod(conv(SPATIAL[name](x)))
+            rhs = a(act_mod(conv(x)))
+        assert float((lhs - rhs).norm() / rhs.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # a slightly perturbed network is rejected
+    bad = layerwise.extract(perturb(model, 1e-3 if dtype == torch.float32 else 1e-6), planted.generators,
+                            input_shape=SHAPE)
+    assert not bad.equivariant and bad.first_failure
+
+
+def test_a_symmetric_cnn_under_the_wrong_group_is_rejected():
+    model, planted = planted_cnn("tanh", group="z2", seed=0, dtype=torch.float64)
+    res = layerwise.extract(model, {"vflip": ("vflip", None)}, input_shape=SHAPE)
+    assert not res.equivariant
+
+
+@pytest.mark.parametrize("conv,match", [
+    (nn.Conv2d(1, 4, 3, padding=1, stride=2), "stride"),
+    (nn.Conv2d(1, 4, 3, padding=1, dilation=2), "dilation"),
+    (nn.Conv2d(2, 4, 3, padding=1, groups=2), "groups"),
+    (nn.Conv2d(1, 4, 3, padding=0), "padding"),
+    (nn.Conv2d(1, 4, 2, padding=1), "odd square kernel"),
+    (nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+])
+def test_unsupported_convolutions_are_refused(conv, match):
+    c_in = conv.in_channels
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(LayerwiseError, match=match):
+        layerwise.extract(model, {"f": ("hflip", None)}, input_shape=(c_in, 8, 8))
+
+
+@pytest.mark.parametrize("mods,match", [
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 2)], "MaxPool2d"),
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)],
+     "Sigmoid"),
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(16, 2)], "AvgPool2d"),
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(10, 2)], "expects 10 features"),
+    ([nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)],
+     "expects 3 channels"),
+])
+def test_unsupported_layouts_are_refused(mods, match):
+    with pytest.raises(LayerwiseError, match=match):
+        layerwise.extract(nn.Sequential(*mods), {"f": ("hflip", None)}, input_shape=SHAPE)
+
+
+def test_cnn_needs_an_input_shape_and_eval_mode_batchnorm():
+    model, planted = planted_cnn("relu", seed=0, batchnorm=True)
+    with pytest.raises(LayerwiseError, match="input_shape"):
+        layerwise.extract(model, planted.generators)
+    model.train()
+    with pytest.raises(LayerwiseError, match="training mode"):
+        layerwise.extract(model, planted.generators, input_shape=SHAPE)
