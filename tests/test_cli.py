@@ -40,3 +40,12 @@ def test_bad_usage_exits_2():
         assert exc.code == 2
     else:  # pragma: no cover
         raise AssertionError("argparse should have exited")
+
+
+def test_train_writes_a_checkpoint_the_other_commands_read(tmp_path, capsys):
+    assert main(["train", "--epochs", "3", "--widths", "16,16,8", "--log-metrics", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "hidden-symmetry fit error" in out and (tmp_path / "emergence.png").exists()
+    code = main(["check", str(tmp_path / "model.pt"), "--arch", "mlp:auto:tanh,gelu,gelu", "--symmetry", "hflip:8x8"])
+    assert code in (0, 1)  # a 3-epoch network is what it is; the point is that the checkpoint loads

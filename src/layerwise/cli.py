@@ -32,6 +32,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["symmetrized"]["certified"] else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import layerwise_metrics
+    from .experiments.demo import _emergence_hook, format_table
+    from .experiments.digits import TrainConfig, evaluate, load_digits_split, train
+    from .io import save_state_dict
+    from .plots import plot_emergence
+    from .testing import hflip_permutation
+
+    cfg = TrainConfig(task=args.task, first_activation=args.activation, widths=args.widths, symmetry=args.symmetry,
+                      epochs=args.epochs, weight_decay=args.weight_decay, seed=args.seed)
+    data = load_digits_split(seed=args.seed)
+    images = torch.cat([data.x_train, data.x_test])
+    hook = _emergence_hook(images, args.task) if args.log_metrics else None
+    res = train(cfg, data, on_epoch=hook, progress=not args.no_progress)
+    perm = hflip_permutation(8)
+    gens = {"hflip": (perm, perm if args.task == "autoencoder" else None)}
+    rows = layerwise_metrics(res.model, gens, images, kinds=("linear", "constrained_activations"))
+    print(f"trained {cfg} in {res.seconds:.1f} s: test {evaluate(res.model, data, args.task)}")
+    print(format_table(["layer", "width", "affine fit error", "hidden-symmetry fit error"],
+                       [[f"f{r.layer}", r.width, r.linear, r.constrained_activations] for r in rows],
+                       "Left-right layerwise equivariance on the digits images:"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_state_dict(res.model.state_dict(), out / "model.pt", overwrite=True)
+        arch = "mlp:auto:" + ",".join([args.activation] + ["gelu"] * (len(args.widths) - 1))
+        print(f"wrote {out / 'model.pt'} (load with --arch {arch})")
+        if res.history:
+            plot_emergence(res.history, out / "emergence.png", switch_epoch=args.epochs // 2
+                           if args.symmetry == "loss" else None, title=f"{args.task}, {args.activation}, "
+                           f"{args.symmetry}")
+            print(f"wrote {out / 'emergence.png'}")
+    return 0
+
+
 def _cmd_planted(args: argparse.Namespace) -> int:
     from .experiments.planted_demo import run_planted_demo
 
@@ -227,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+    tr = sub.add_parser("train", help="train one MLP on digits and measure its layerwise equivariance")
+    tr.add_argument("--task", choices=["classifier", "autoencoder"], default="classifier")
+    tr.add_argument("--activation", choices=["tanh", "gelu", "relu"], default="tanh", help="first-layer activation")
+    tr.add_argument("--symmetry", choices=["augment", "loss", "none"], default="loss",
+                    help="flip augmentation, the soft equivariance loss in the second half, or none")
+    tr.add_argument("--widths", type=_widths, default=(128, 128, 64))
+    tr.add_argument("--epochs", type=int, default=50)
+    tr.add_argument("--weight-decay", type=float, default=1e-2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--log-metrics", action="store_true", help="measure the metrics after every epoch")
+    tr.add_argument("--out", help="folder for model.pt and, with --log-metrics, emergence.png")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_cmd_train)
     planted = sub.add_parser("planted", help="recover a planted latent representation hidden by a random hidden "
                                              "symmetry (exact extraction, seconds)")
     planted.add_argument("--activation", choices=ACTIVATION_CHOICES, default="tanh")
