@@ -88,3 +88,34 @@ def test_full_pickle_needs_trust(ckpts, tmp_path, capsys):
     assert code == 2 and "--trust-checkpoint" in err
     code, _, _ = _run(["extract", tmp_path / "full.pt", "--symmetry", "hflip:4x4", "--trust-checkpoint"], capsys)
     assert code == 0
+
+
+def test_review_fixes_data_tolerance_samples_out(ckpts, tmp_path, capsys, monkeypatch):
+    good, bad = ckpts
+    torch.save(torch.randn(50, 16, dtype=torch.float64), tmp_path / "x.pt")  # a bare tensor, as the help says
+    assert _run(["check", good, "--arch", ARCH, "--symmetry", "d4:4x4", "--data", tmp_path / "x.pt"], capsys)[0] == 0
+    code, _, err = _run(["check", good, "--arch", ARCH, "--symmetry", "d4:4x4", "--tol", "-1"], capsys)
+    assert code == 2 and "--tol" in err
+    code, _, err = _run(["check", good, "--arch", ARCH, "--symmetry", "d4:4x4", "--samples", "-3"], capsys)
+    assert code == 2 and "--samples" in err
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _run(["extract", good, "--arch", ARCH, "--symmetry", "d4:4x4", "--out", tmp_path / "afile"],
+                        capsys)
+    assert code == 2 and "not a folder" in err
+    # module:function from the current folder, as the console script sees it
+    (tmp_path / "my_cli_arch.py").write_text(
+        "import torch\nfrom layerwise.io import build_arch\n"
+        f"def make():\n    return build_arch('{ARCH}', torch.load(r'{good}', weights_only=True)).double()\n")
+    monkeypatch.chdir(tmp_path)
+    assert _run(["extract", good, "--arch", "my_cli_arch:make", "--symmetry", "d4:4x4"], capsys)[0] == 0
+
+
+def test_written_checkpoint_has_normal_permissions(ckpts, tmp_path, capsys):
+    import os
+
+    _, bad = ckpts
+    out = tmp_path / "sym.pt"
+    assert _run(["symmetrize", bad, "--arch", ARCH, "--symmetry", "d4:4x4", "--save", out], capsys)[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -24,7 +24,6 @@ from .algorithms import (
     extract,
     layerwise_metrics,
     naive_average,
-    reduce_to_submodel,
     symmetrize,
 )
 from .group import FiniteGroup
@@ -36,5 +35,5 @@ __all__ = [
     "DEFAULT_TOL", "ExtractionResult", "FiniteGroup", "LatentAction", "LayerAlignment", "LayerMetric", "LayerwiseError",
     "align", "assert_layerwise_equivariant", "character", "equivariance_error", "extract", "hidden_outputs",
     "homomorphism_residual", "layer_equivariance_errors", "layerwise_metrics", "naive_average", "nn",
-    "reduce_to_submodel", "symmetrize",
+    "symmetrize",
 ]

@@ -20,6 +20,13 @@ def _feature_action(action, x: torch.Tensor, where: str) -> torch.Tensor:
     """Apply an action to a batch: on the last axis, or on the flattened features when sizes say so."""
     if action is None:
         return x
+    if isinstance(action, str):
+        from .layers._conv import SPATIAL
+
+        if action not in SPATIAL or x.ndim < 3:
+            raise LayerwiseError(f"{where}: spatial action {action!r} needs one of {sorted(SPATIAL)} and inputs of "
+                                 f"shape (N, C, H, W), got shape {tuple(x.shape)}")
+        return SPATIAL[action](x)
     last = x.shape[-1]
     flat = math.prod(x.shape[1:])
     arr = _to_numpy(action, where)

@@ -68,6 +68,23 @@ def load_state_dict(path: str | os.PathLike, *, trust: bool = False) -> dict[str
     return dict(obj)
 
 
+def load_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """A tensor of inputs saved with ``torch.save`` (a bare tensor, or a dict holding exactly one tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerwiseError(f"--data: no such file {str(path)!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LayerwiseError(f"--data: {path.name} cannot be loaded as plain tensors ({type(exc).__name__})") from None
+    if isinstance(obj, Mapping):
+        values = list(obj.values())
+        obj = values[0] if len(values) == 1 else None
+    if not isinstance(obj, torch.Tensor) or not obj.is_floating_point():
+        raise LayerwiseError(f"--data: {path.name} must hold one floating-point tensor of inputs")
+    return obj
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``state`` atomically (a temporary file in the same folder, then a rename); never half a file."""
     path = Path(path)
@@ -85,6 +102,11 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -142,10 +164,18 @@ def build_arch(spec: str, state: Mapping[str, torch.Tensor] | None = None) -> nn
                 mods.append(ACTIVATION_NAMES[acts[i]]())
         return nn.Sequential(*mods)
     module_name, _, func_name = spec.partition(":")
+    import sys
+
+    added = os.getcwd() not in sys.path
+    if added:  # the console script does not put the current folder on the path; `python -m` does
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise LayerwiseError(f"--arch: cannot import module {module_name!r} ({exc})") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     func = getattr(module, func_name, None)
     if not callable(func):
         raise LayerwiseError(f"--arch: {module_name!r} has no function {func_name!r}")
@@ -188,7 +218,7 @@ def parse_symmetry(spec: str, in_features: int, out_features: int, output: str =
     presets.
     """
     if output not in ("invariant", "equivariant"):
-        raise LayerwiseError(f"--output: expected 'invariant' or 'equivariant', got {output!r}")
+        raise LayerwiseError(f"--output-action: expected 'invariant' or 'equivariant', got {output!r}")
     if spec.endswith(".json"):
         path = Path(spec)
         if not path.is_file():
@@ -223,7 +253,8 @@ def parse_symmetry(spec: str, in_features: int, out_features: int, output: str =
     if name in ("rot90", "d4") and h != w:
         raise LayerwiseError(f"--symmetry: {name} needs a square image, got {h}x{w}")
     if output == "equivariant" and out_features != in_features:
-        raise LayerwiseError(f"--output equivariant: the model has {out_features} outputs for {in_features} inputs")
+        raise LayerwiseError(f"--output-action equivariant: the model has {out_features} outputs for {in_features} "
+                             "inputs")
     perms = {"hflip": {"hflip": hflip_permutation(h, w)}, "vflip": {"vflip": vflip_permutation(h, w)},
              "rot90": {"rot90": None}, "d4": {"rot90": None, "hflip": hflip_permutation(h, w)}}[name]
     if "rot90" in perms:

@@ -125,3 +125,14 @@ def test_cnn_needs_an_input_shape_and_eval_mode_batchnorm():
     model.train()
     with pytest.raises(LayerwiseError, match="training mode"):
         layerwise.extract(model, planted.generators, input_shape=SHAPE)
+
+
+def test_spatial_actions_in_the_oracle_and_clear_refusals_elsewhere():
+    model, planted = planted_cnn("tanh", group="d4", channels=(16, 16), seed=0, dtype=torch.float64)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    assert layerwise.equivariance_error(model, planted.generators, x) < 1e-12
+    assert layerwise.equivariance_error(model, {"v": ("vflip", None)}, x) < 1e-12  # D4 contains vflip
+    with pytest.raises(LayerwiseError, match="only so far"):
+        layerwise.symmetrize(model, planted.generators)
+    with pytest.raises(LayerwiseError, match="spatial action"):
+        layerwise.equivariance_error(model, {"s": ("shear", None)}, x)

@@ -281,7 +281,7 @@ def extract(
     net = parse_dense(model, device=device)
     if tol is None:
         tol = DEFAULT_TOL[net.dtype]
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise LayerwiseError(f"tol: expected a positive finite number, got {tol!r}")
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype])

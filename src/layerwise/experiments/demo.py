@@ -107,7 +107,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     log(f"layerwise demo{' (quick)' if quick else ''}: digits 8x8, {len(data.x_train)} train / {len(data.x_test)} "
         f"test images; MLP 64-{'-'.join(map(str, settings.widths))}-out, {settings.epochs} epochs, Adam, weight "
         f"decay {settings.decay('classifier'):g} (classifier) / {settings.decay('autoencoder'):g} (autoencoder); "
-        "layer metrics on the {len(images)} images (maps fitted on a random half, "
+        f"layer metrics on the {len(images)} images (maps fitted on a random half, "
         "median relative error on the other half)\n")
 
     # 1. the paper's table: soft equivariance loss in the second half of training

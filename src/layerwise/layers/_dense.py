@@ -140,6 +140,11 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
     named = _flatten(model, "")
     if not named:
         raise LayerwiseError("model: the nn.Sequential is empty")
+    conv = [w for w, m in named if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d,
+                                                 nn.AdaptiveAvgPool2d))]
+    if conv:
+        raise LayerwiseError(f"{conv[0]}: CNNs are supported by layerwise.extract (with input_shape=...) only so far; "
+                             "metrics, align and symmetrize take dense nn.Sequential models")
     blocks: list[DenseBlock] = []
     dtype: torch.dtype | None = None
     last_kind = None  # "linear" | "act"
