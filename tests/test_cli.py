@@ -28,7 +28,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert report["symmetrized"]["equivariance_error"] < 1e-5
     assert report["layer_metrics"] and {"task", "layer", "linear", "constrained_activations"} <= set(
         report["layer_metrics"][0])
-    for name in ("first_layer_tanh", "first_layer_gelu", "metrics", "metrics_constrained", "emergence"):
+    assert report["cnn"]["augment"]["symmetrized"]["certified"] is True
+    for name in ("first_layer_tanh", "first_layer_gelu", "metrics", "metrics_constrained", "emergence",
+                 "cnn_first_layer"):
         png = out / f"{name}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 

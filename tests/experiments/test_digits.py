@@ -316,3 +316,17 @@ def test_evaluate_rejects_mismatched_tasks(data):
         flip_accuracy(autoencoder, data, HFLIP)
     with pytest.raises(LayerwiseError, match="autoencoder has 64 outputs"):
         evaluate(build_mlp("tanh", widths=(8,)), data, "autoencoder")
+
+
+def test_cnn_config_and_builder():
+    from layerwise.experiments.digits import build_cnn
+
+    model = build_cnn("tanh", (4, 4, 4), n_out=10, seed=0)
+    assert isinstance(model[0], nn.Unflatten) and sum(isinstance(m, nn.Conv2d) for m in model) == 3
+    assert model(torch.randn(2, 64)).shape == (2, 10)
+    a, b = build_cnn("tanh", (4, 4), seed=1), build_cnn("tanh", (4, 4), seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(LayerwiseError, match="classifier only"):
+        TrainConfig(task="autoencoder", first_activation="tanh", arch="cnn")
+    with pytest.raises(LayerwiseError, match="arch"):
+        TrainConfig(task="classifier", first_activation="tanh", arch="transformer")

@@ -133,6 +133,49 @@ def test_spatial_actions_in_the_oracle_and_clear_refusals_elsewhere():
     assert layerwise.equivariance_error(model, planted.generators, x) < 1e-12
     assert layerwise.equivariance_error(model, {"v": ("vflip", None)}, x) < 1e-12  # D4 contains vflip
     with pytest.raises(LayerwiseError, match="only so far"):
-        layerwise.symmetrize(model, planted.generators)
+        layerwise.align(model, planted.generators)
     with pytest.raises(LayerwiseError, match="spatial action"):
         layerwise.equivariance_error(model, {"s": ("shear", None)}, x)
+
+
+@pytest.mark.parametrize("source", ["data", "weights"])
+@pytest.mark.parametrize("group", ["z2", "d4"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
+def test_cnn_symmetrize_is_certified_and_a_fixed_point(activation, group, source):
+    channels = (8, 8) if group == "z2" else (16, 16)
+    model, planted = planted_cnn(activation, group=group, channels=channels, seed=4, dtype=torch.float64,
+                                 batchnorm=activation == "relu")
+    x = torch.randn(200, 1, 8, 8, dtype=torch.float64)
+    data = x if source == "data" else None
+    with torch.no_grad():
+        # an equivariant CNN is a fixed point
+        sym = layerwise.symmetrize(model, planted.generators, data)
+        assert float((sym(x) - model(x)).norm() / model(x).norm()) < 1e-12
+        # a perturbed one becomes exactly equivariant, a CNN again (BatchNorm folded), certified
+        noisy = perturb(model, 0.05, seed=1)
+        before = copy.deepcopy(noisy.state_dict())
+        sym = layerwise.symmetrize(noisy, planted.generators, data)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sym)
+    assert layerwise.equivariance_error(sym, planted.generators, x) < 1e-12
+    assert layerwise.extract(sym, planted.generators, input_shape=SHAPE).equivariant
+    for k, v in noisy.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_cnn_naive_average_is_not_the_aligned_one():
+    model, planted = planted_cnn("tanh", group="d4", channels=(16, 16), seed=0, dtype=torch.float64)
+    x = torch.randn(100, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        naive = layerwise.naive_average(model, planted.generators)
+        assert float((naive(x) - model(x)).norm() / model(x).norm()) > 1e-2
+
+
+def test_cnn_symmetrize_refuses_what_it_cannot_average():
+    model, planted = planted_cnn("tanh", seed=0)
+    with pytest.raises(LayerwiseError, match="spatial action"):
+        layerwise.symmetrize(model, {"f": (torch.arange(64), None)})
+    with pytest.raises(LayerwiseError, match="data"):
+        layerwise.symmetrize(model, planted.generators, torch.randn(10, 64))
+    flat_head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
+    with pytest.raises(LayerwiseError, match="AdaptiveAvgPool2d"):
+        layerwise.symmetrize(flat_head, planted.generators)

@@ -127,6 +127,9 @@ def symmetrize(
         model: dense ``nn.Sequential`` as for :func:`layerwise.extract`; never modified.
         generators: ``{name: (input_action, output_action)}``.
         data: inputs ``(N, ...)`` to align units by their activations (correlations); without, by weights.
+            CNNs (``Conv2d [BatchNorm2d] act [AvgPool2d(2)] ... AdaptiveAvgPool2d(1) Flatten Linear ...``) take
+            spatial generators (``"hflip"``, ``"vflip"``, ``"rot90"``) and ``(N, C, H, W)`` data; the average is
+            taken in filter space, so the result is a CNN again (BatchNorm folded).
         balance: normalize the incoming rows of ReLU-type and polynomial layers first (a hidden symmetry, so the
             function is unchanged), so that aligned units are averaged at comparable scales. The model is always
             reduced to its identifiable submodel first (dead, constant and duplicated units have no partner), so
@@ -145,7 +148,13 @@ def symmetrize(
         True
     """
     from ..group import FiniteGroup as _FG
+    from ..layers._conv import is_cnn
 
+    if is_cnn(model):
+        from ._symmetrize_cnn import symmetrize_cnn
+
+        return symmetrize_cnn(model, generators, data, balance=balance, max_group_order=max_group_order,
+                              return_alignment=return_alignment)
     net = parse_dense(model)
     group = _FG.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     if data is not None:
@@ -165,6 +174,12 @@ def symmetrize(
 def naive_average(model: nn.Module, generators: dict, *, max_group_order: int = MAX_GROUP_ORDER) -> nn.Sequential:
     """The group average without alignment (hidden units matched to themselves): the baseline that alignment must
     beat (Bökman & Kahl 2023). Only the first and last layers see the group; it is not equivariant in general."""
+    from ..layers._conv import is_cnn
+
+    if is_cnn(model):
+        from ._symmetrize_cnn import symmetrize_cnn
+
+        return symmetrize_cnn(model, generators, balance=False, max_group_order=max_group_order, aligned=False)
     net = parse_dense(model)
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     return _average(net, group, None).to_module()

@@ -157,6 +157,38 @@ def build_mlp(
     return nn.Sequential(*mods)
 
 
+def build_cnn(
+    first_activation: str,
+    channels: tuple[int, ...] = (16, 16),
+    n_out: int = 10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """A small CNN on flattened 8x8 images: ``Unflatten`` to ``(1, 8, 8)``, 3x3 convolutions (zero padding 1) with
+    ``first_activation`` then GELU, ``AvgPool2d(2)`` after the first two, ``AdaptiveAvgPool2d(1)``, ``Flatten`` and a
+    Linear classifier; seeded.
+    ``model[1:]`` is the CNN proper, on ``(N, 1, 8, 8)`` images (what :func:`layerwise.extract` analyses)."""
+    if first_activation not in FIRST_ACTIVATIONS:
+        raise LayerwiseError(f"first_activation: expected one of {sorted(FIRST_ACTIVATIONS)}, got {first_activation!r}")
+    channels = _check_widths(channels, "channels")
+    _check_dtype(dtype, "dtype")
+    gen = torch.Generator().manual_seed(seed)
+    mods: list[nn.Module] = [nn.Unflatten(1, (1, IMAGE, IMAGE))]
+    c_in = 1
+    for i, c in enumerate(channels):
+        conv = nn.utils.skip_init(nn.Conv2d, c_in, c, 3, padding=1, dtype=dtype)
+        bound = 1.0 / (c_in * 9) ** 0.5
+        with torch.no_grad():
+            conv.weight.uniform_(-bound, bound, generator=gen)
+            conv.bias.uniform_(-bound, bound, generator=gen)
+        mods += [conv, FIRST_ACTIVATIONS[first_activation]() if i == 0 else nn.GELU()]
+        if i < min(len(channels) - 1, 2):
+            mods.append(nn.AvgPool2d(2))  # 8x8 -> 4x4 -> 2x2
+        c_in = c
+    mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), _linear(c_in, n_out, dtype, gen)]
+    return nn.Sequential(*mods)
+
+
 def _choice(value, allowed, where: str) -> None:
     if value not in allowed:
         raise LayerwiseError(f"{where}: expected one of {sorted(allowed)}, got {value!r}")
@@ -189,6 +221,8 @@ class TrainConfig:
         epochs, batch_size, lr, weight_decay: Adam training; the last batch of an epoch may be smaller.
         loss_weight: weight of the soft equivariance loss (used only with ``symmetry="loss"``).
         seed: initialization, data order and flips.
+        arch: ``"mlp"`` (:func:`build_mlp`) or ``"cnn"`` (:func:`build_cnn`, classifier only; ``widths`` are
+            its channels).
     """
 
     task: str
@@ -201,8 +235,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss_weight: float = 1.0
     seed: int = 0
+    arch: str = "mlp"
 
     def __post_init__(self) -> None:
+        _choice(self.arch, ("mlp", "cnn"), "arch")
+        if self.arch == "cnn" and self.task != "classifier":
+            raise LayerwiseError(f"arch: 'cnn' is a classifier only, got task {self.task!r}")
         _choice(self.task, TASKS, "task")
         _choice(self.first_activation, tuple(FIRST_ACTIVATIONS), "first_activation")
         self.widths = _check_widths(self.widths, "widths")
@@ -310,8 +348,9 @@ def train(
     x_all, y_all = data.x_train, data.y_train
     n = x_all.shape[0]
 
-    model = build_mlp(config.first_activation, config.widths, N_CLASSES if classifier else N_FEATURES,
-                      config.seed, x_all.dtype)
+    build = build_cnn if config.arch == "cnn" else build_mlp
+    model = build(config.first_activation, config.widths, N_CLASSES if classifier else N_FEATURES,
+                  config.seed, x_all.dtype)
     init_model = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     order_seed, flip_seed = _sub_seeds(config.seed, 2)

@@ -1,0 +1,213 @@
+"""Alignment and symmetrization of CNNs (stage two of the CNN support), in filter space.
+
+A CNN ``(Conv2d act [AvgPool2d(2)])* AdaptiveAvgPool2d(1) Flatten (Linear act)* Linear`` (BatchNorm2d in eval mode
+is folded first) keeps its weight sharing under the group average when the latent actions are channel actions
+combined with the spatial transform: with ``conv(T x, F) = T conv(x, T^-1 F)``, layer ``i`` becomes
+
+    F' = mean_h P_i(h)^-1 T_h^-1(F K_{i-1}(h)),   b' = mean_h P_i(h)^-1 b,
+
+where ``K_{i-1}(h)`` is the channel action on the layer's input and ``P_i(h)`` the channel action on its
+pre-activations, both homomorphisms, so ``F'`` satisfies the equivariance condition exactly. Channels are aligned
+group-consistently (``_align``) from activations (correlation of channel ``j`` of ``f(h x)`` with channel ``c`` of
+``T_h f(x)`` over samples and positions) or from filters (cosines of ``T_h^-1(F K(h))`` with ``F``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import LayerwiseError
+from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
+from ..hidden import ActivationFamily, LatentAction, family_of
+from ..layers._conv import SPATIAL, _check_conv, fold_batchnorm, spatial_permutation
+from ..layers._dense import PASSTHROUGH
+from ._align import LayerAlignment, activation_similarity, consistent_actions, weight_similarity
+from ._extract import extend_to_group, transformed_rows
+
+_INVERSE = {"hflip": SPATIAL["hflip"], "vflip": SPATIAL["vflip"], "rot90": lambda a: torch.rot90(a, -1, (-2, -1))}
+
+
+@dataclass
+class _Stage:
+    kind: str  # "conv" | "pool" | "gap" | "dense"
+    index: int
+    act: int | None = None
+    family: ActivationFamily | None = None
+
+
+def _stages(model: nn.Sequential) -> list[_Stage]:
+    stages: list[_Stage] = []
+    for i, mod in enumerate(model):
+        where = f"model[{i}]"
+        if isinstance(mod, nn.Flatten) or (isinstance(mod, PASSTHROUGH)):
+            continue
+        if isinstance(mod, nn.Conv2d):
+            _check_conv(mod, where)
+            if any(s.kind in ("gap", "dense") for s in stages):
+                raise LayerwiseError(f"{where}: a Conv2d after the pooling head is not supported by symmetrize")
+            stages.append(_Stage("conv", i))
+        elif isinstance(mod, nn.Linear):
+            if not any(s.kind == "gap" for s in stages):
+                raise LayerwiseError(f"{where}: symmetrize for CNNs needs AdaptiveAvgPool2d(1) before the dense head")
+            stages.append(_Stage("dense", i))
+        elif isinstance(mod, nn.AvgPool2d):
+            stages.append(_Stage("pool", i))
+        elif isinstance(mod, nn.AdaptiveAvgPool2d):
+            stages.append(_Stage("gap", i))
+        else:
+            fam = family_of(mod, where)
+            if not stages or stages[-1].kind not in ("conv", "dense") or stages[-1].act is not None:
+                raise LayerwiseError(f"{where}: activation must follow a Conv2d or Linear")
+            stages[-1].act, stages[-1].family = i, fam
+    if not stages or stages[-1].kind != "dense" or stages[-1].act is not None:
+        raise LayerwiseError("model: symmetrize for CNNs needs a final Linear layer without activation")
+    return stages
+
+
+def _word_inverse(word: tuple[str, ...], a: torch.Tensor) -> torch.Tensor:
+    """``T_h^-1`` for ``h = s1 s2 ... sk`` (``T_h = T_s1 T_s2 ...``): apply ``s1^-1`` first."""
+    for s in word:
+        a = _INVERSE[s](a)
+    return a
+
+
+def _word(word: tuple[str, ...], a: torch.Tensor) -> torch.Tensor:
+    for s in reversed(word):
+        a = SPATIAL[s](a)
+    return a
+
+
+def _moved_filters(w: torch.Tensor, k_in: LatentAction, word: tuple[str, ...]) -> torch.Tensor:
+    fk = torch.empty_like(w)
+    fk[:, k_in.perm] = w * k_in.scale.to(w.dtype)[None, :, None, None]  # F K_in
+    return _word_inverse(word, fk)
+
+
+def symmetrize_cnn(
+    model: nn.Module, generators: dict, data: torch.Tensor | None = None, *, balance: bool = True,
+    max_group_order: int = MAX_GROUP_ORDER, return_alignment: bool = False, aligned: bool = True,
+):
+    """:func:`layerwise.symmetrize` for CNNs; ``data`` of shape ``(N, C, H, W)`` aligns by activations.
+    ``aligned=False`` is the naive average (every channel matched to itself)."""
+    folded = fold_batchnorm(model)
+    stages = _stages(folded)
+    mods = [m for m in folded]
+    dtype = mods[stages[0].index].weight.dtype
+    first = mods[stages[0].index]
+    spatial_names = {}
+    resolved = {}
+    for name, a_in, a_out in generator_pairs(generators):
+        if not (isinstance(a_in, str) and a_in in SPATIAL):
+            raise LayerwiseError(f"generators[{name!r}][0]: symmetrize for CNNs takes a spatial action "
+                                 f"{sorted(SPATIAL)}, got {a_in!r}")
+        spatial_names[name] = a_in
+        resolved[name] = (spatial_permutation(a_in, (first.in_channels, 8, 8)), a_out)
+    out_features = mods[stages[-1].index].out_features
+    # the group's words and table only (an 8x8 grid represents the flips and rotations faithfully)
+    group = FiniteGroup.from_generators(resolved, first.in_channels * 64, out_features, max_order=max_group_order)
+    words = [tuple(spatial_names[s] for s in w) for w in group.words]
+    if data is not None:
+        if not isinstance(data, torch.Tensor) or data.ndim != 4 or data.shape[1] != first.in_channels:
+            raise LayerwiseError(f"data: expected (N, {first.in_channels}, H, W) images, got "
+                                 f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
+        data = data.to(torch.float64)
+    # float64 working copies: [weight, bias] per affine stage
+    params = {s.index: [mods[s.index].weight.detach().double().clone(), mods[s.index].bias.detach().double().clone()
+                        if mods[s.index].bias is not None else torch.zeros(mods[s.index].weight.shape[0],
+                                                                           dtype=torch.float64)]
+              for s in stages if s.kind in ("conv", "dense")}
+    affine = [s for s in stages if s.kind in ("conv", "dense")]
+    if balance:  # unit-norm filters for ReLU-type layers (a hidden symmetry; the next layer compensates)
+        for s, nxt in zip(affine, affine[1:]):
+            if s.family is not None and s.family.homogeneous:
+                w, b = params[s.index]
+                norm = torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(1) + b.pow(2)).clamp_min(1e-300)
+                params[s.index] = [w / norm.view(-1, *([1] * (w.ndim - 1))), b / norm]
+                mult = (1 / norm) ** s.family.power
+                nw = params[nxt.index][0]
+                params[nxt.index][0] = nw / mult.view(1, -1, *([1] * (nw.ndim - 2)))
+
+    def forward_hidden(x: torch.Tensor) -> list[torch.Tensor]:
+        outs, z = [], x
+        for s in stages:
+            if s.kind == "conv":
+                w, b = params[s.index]
+                z = mods[s.act](torch.nn.functional.conv2d(z, w, b, padding=w.shape[-1] // 2))
+                outs.append(z)
+            elif s.kind == "pool":
+                z = torch.nn.functional.avg_pool2d(z, 2)
+            elif s.kind == "gap":
+                z = z.mean(dim=(-2, -1))
+            elif s.act is not None:
+                w, b = params[s.index]
+                z = mods[s.act](z @ w.T + b)
+                outs.append(z)
+        return outs
+
+    acts = None
+    if data is not None:
+        with torch.no_grad():
+            acts = [forward_hidden(_word(words[h], data)) for h in range(group.order)]
+    alignments: list[LayerAlignment] = []
+    prev = [LatentAction.identity(first.in_channels) for _ in range(group.order)]
+    hidden_i = 0
+    new_params = {}
+    for s in affine:
+        w, b = params[s.index]
+        if s.kind == "conv":
+            moved = [_moved_filters(w, prev[h], words[h]) for h in range(group.order)]
+            rows = [m.reshape(m.shape[0], -1) for m in moved]
+            base = torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
+            sims = np.stack([weight_similarity(base, torch.cat([r, b[:, None]], 1)) for r in rows])
+            if acts is not None:
+                z0 = acts[0][hidden_i]
+                for h in range(group.order):
+                    zt = _word(words[h], z0)  # T_h f(x), compared with f(h x)
+                    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1).T  # noqa: E731
+                    sims[h] = 1e-2 * sims[h] + activation_similarity(flat(zt), flat(acts[h][hidden_i]))
+        else:
+            moved = [transformed_rows(torch.cat([w, b[:, None]], 1), prev[h]) for h in range(group.order)]
+            base = torch.cat([w, b[:, None]], 1)
+            if s.act is None:  # output layer: average with rho_L
+                total = sum(torch.linalg.solve(torch.as_tensor(group.rho_out[h]), moved[h]) for h in range(group.order))
+                new_params[s.index] = [total[:, :-1] / group.order, total[:, -1] / group.order]
+                continue
+            sims = np.stack([weight_similarity(base, m) for m in moved])
+            if acts is not None:
+                sims = 1e-2 * sims + np.stack([activation_similarity(acts[0][hidden_i], acts[h][hidden_i])
+                                               for h in range(group.order)])
+        if aligned:
+            al = consistent_actions(sims, group, s.family, dtype)
+        else:
+            ident = {n: LatentAction.identity(w.shape[0], dtype) for n in group.names}
+            al = LayerAlignment(ident, ident, float("nan"), float("nan"))
+        alignments.append(al)
+        pre_all = extend_to_group(group, al.pre)[0]
+        if s.kind == "conv":
+            tw = sum(pre_all[h].inverse().apply_rows(moved[h].reshape(w.shape[0], -1)) for h in range(group.order))
+            tb = sum(pre_all[h].inverse().apply_rows(b[:, None])[:, 0] for h in range(group.order))
+            new_params[s.index] = [tw.reshape(w.shape) / group.order, tb / group.order]
+        else:
+            total = sum(pre_all[h].inverse().apply_rows(moved[h]) for h in range(group.order)) / group.order
+            new_params[s.index] = [total[:, :-1], total[:, -1]]
+        prev = extend_to_group(group, al.latent)[0]
+        hidden_i += 1
+    out = []
+    for i, mod in enumerate(mods):
+        if i in new_params:
+            if isinstance(mod, nn.Conv2d):
+                new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, padding=mod.padding, dtype=dtype)
+            else:
+                new = nn.Linear(mod.in_features, mod.out_features, dtype=dtype)
+            with torch.no_grad():
+                new.weight.copy_(new_params[i][0])
+                new.bias.copy_(new_params[i][1])
+            out.append(new)
+        else:
+            out.append(mod)
+    result = nn.Sequential(*out).eval()
+    return (result, alignments) if return_alignment else result
