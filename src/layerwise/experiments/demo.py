@@ -248,7 +248,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     figures["cnn_first_layer"] = str(plot_first_layer_orbits(
         first_conv.reshape(first_conv.shape[0], -1), cnn_alignment[0].latent["hflip"], out / "cnn_first_layer.png",
         side=first_conv.shape[-1],
-        title="First-layer 3x3 filters of the augmentation-trained CNN, grouped by the left-right channel action"))
+        title="First-layer 3x3 filters of the augmentation-trained CNN, grouped by the left-right channel action "
+              f"(mean aligned activation correlation {cnn_alignment[0].quality:.2f})"))
     for act in ("tanh", "gelu"):
         model = trained[("classifier", act)].model
         al = align(model, gens, data.x_train)[0].latent["hflip"]
