@@ -69,6 +69,13 @@ def test_planted_cnn_is_certified_and_recovered(activation, group, dtype):
     for layer in res.latent:
         for name, act in layer.items():
             assert act.spatial == name and act.matrix.shape == (act.channel.size,) * 2
+            if activation in ("relu", "leaky_relu", "gelu"):  # the canonical choice: permutations of channels
+                assert act.channel.is_permutation(), act.summary()
+    # same function as the input (BatchNorm folded, channels rescaled or flipped canonically)
+    x0 = torch.randn(6, 1, 8, 8, dtype=dtype)
+    with torch.no_grad():
+        change = float((res.model(x0) - model(x0)).norm() / model(x0).norm())
+    assert change < (1e-5 if dtype == torch.float32 else 1e-12) * (27 if activation == "power3" else 1)
     # the reported action is what the layer does: layer(T x) == channel(T(layer(x)))
     x = torch.randn(6, 1, 8, 8, dtype=dtype)
     conv, act_mod = res.model[0], res.model[2 if activation == "relu" else 1]

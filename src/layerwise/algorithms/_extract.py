@@ -143,14 +143,22 @@ def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list
     for i, (blk, acts) in enumerate(zip(net.hidden, group_actions)):
         if blk.width == 0:
             continue
-        if blk.family.homogeneous:
-            logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
-            net.transport(i, torch.exp(-logs / blk.family.power))  # latent factor exp(-logs)
-        if blk.family.scales in ("sign", "nonzero"):
-            gens = {name: acts[group.generator_index(name)] for name in group.names}
-            t = _sign_gauge(gens)
-            if torch.any(t < 0):
-                net.transport(i, t)
+        for factor in canonical_factors(blk.family, group, acts):
+            net.transport(i, factor)
+
+
+def canonical_factors(family, group: FiniteGroup, acts: list[LatentAction]) -> list[torch.Tensor]:
+    """Pre-activation factors (to apply in order) that move one layer to the canonical point of its fiber, from
+    the latent actions of all group elements on it (see :func:`_canonical_parameters`)."""
+    out = []
+    if family.homogeneous:
+        logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
+        out.append(torch.exp(-logs / family.power))  # latent factor exp(-logs)
+    if family.scales in ("sign", "nonzero"):
+        t = _sign_gauge({name: acts[group.generator_index(name)] for name in group.names})
+        if torch.any(t < 0):
+            out.append(t)
+    return out
 
 
 @dataclass
@@ -277,7 +285,8 @@ def extract(
 
         if input_shape is None:
             raise LayerwiseError("input_shape: a CNN needs the (C, H, W) shape of one input image")
-        return extract_cnn(model, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order)
+        return extract_cnn(model, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
+                           canonical=canonical)
     net = parse_dense(model, device=device)
     if tol is None:
         tol = DEFAULT_TOL[net.dtype]

@@ -4,12 +4,13 @@ The sweep of :mod:`._extract` runs on the unrolled network, whose hidden units a
 convolutional layer the action it finds must then factor as a channel action (the layer's hidden symmetry group
 acting on channels) combined with the spatial transform of the generator: ``perm[c, q] = (pi(c), T(q))`` with one
 factor per channel. That factorization is checked and reported; a failure counts as a failed certificate.
-Stage one: no reduction to the submodel and no canonical reparameterization for CNNs yet (the returned model is the
-BatchNorm-folded input).
+Not yet: the reduction to the submodel for CNNs (the returned model is the BatchNorm-folded input, moved to the
+canonical point of its fiber).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
 from ..hidden import LatentAction
 from ..layers._conv import SPATIAL, parse_cnn, spatial_permutation
-from ._extract import ExtractionResult, _first_failure, _sweep, extend_to_group
+from ._extract import ExtractionResult, _first_failure, _sweep, canonical_factors, extend_to_group
 
 
 @dataclass
@@ -80,11 +81,35 @@ def _factor(act: LatentAction, shape: tuple[int, int, int], spatial: str | None)
     return LatentAction(ch[:, 0].clone(), scale[:, 0].clone(), off[:, 0].clone(), act.dtype)
 
 
+def _apply_canonical(folded: nn.Sequential, net, group, group_latent) -> nn.Sequential:
+    """A copy of the (BatchNorm-folded) CNN moved to the canonical point of its fiber: per conv layer the factors
+    come from the channel actions, per dense layer from the unit actions (:func:`canonical_factors`); each factor
+    scales a layer's output channels or units and the next affine layer's inputs compensate."""
+    model = copy.deepcopy(folded)
+    affine = [i for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        for k, (blk, acts) in enumerate(zip(net.hidden, group_latent)):
+            for factor in canonical_factors(blk.family, group, acts):
+                cur, nxt = model[affine[k]], model[affine[k + 1]]
+                f = factor.to(cur.weight.dtype)
+                mult, _ = blk.family.latent(f)
+                cur.weight.mul_(f.view(-1, *([1] * (cur.weight.ndim - 1))))
+                cur.bias.mul_(f)
+                w = nxt.weight
+                if w.shape[1] == mult.numel():  # channels (conv, or dense after global pooling) or units
+                    w.div_(mult.view(1, -1, *([1] * (w.ndim - 2))))
+                else:  # dense after Flatten of (C, H, W): C blocks of H W columns
+                    w.div_(mult.repeat_interleave(w.shape[1] // mult.numel())[None, :])
+    return model
+
+
 def extract_cnn(
     model: nn.Module, generators: dict, *, input_shape, tol: float | None = None,
-    max_group_order: int = MAX_GROUP_ORDER,
+    max_group_order: int = MAX_GROUP_ORDER, canonical: bool = True,
 ) -> ExtractionResult:
-    """:func:`layerwise.extract` for CNNs; ``input_shape = (C, H, W)`` of one input image."""
+    """:func:`layerwise.extract` for CNNs; ``input_shape = (C, H, W)`` of one input image. With ``canonical``, a
+    certified network is moved to the canonical point of its fiber (ReLU-type channels get permutation actions,
+    signs only where the group acts by a character) and certified again."""
     from ._extract import DEFAULT_TOL
 
     net, layout, folded = parse_cnn(model, input_shape)
@@ -123,6 +148,10 @@ def extract_cnn(
                 + ([] if failed is not None else [hom]))
     if failure is not None and worst <= tol:
         worst = 1.0  # the factorization failed although every match verified
+    if failure is None and canonical:
+        moved = _apply_canonical(folded, net, group, group_latent)
+        return extract_cnn(moved, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
+                           canonical=False)
     return ExtractionResult(
         equivariant=failure is None, residual=float(worst), model=folded, latent=latent, tol=float(tol),
         group=group, group_latent=group_latent, layer_residuals=sweep.residuals, output_residual=sweep.output,
