@@ -105,7 +105,7 @@ def _apply_canonical(folded: nn.Sequential, net, group, group_latent) -> nn.Sequ
 
 def extract_cnn(
     model: nn.Module, generators: dict, *, input_shape, tol: float | None = None,
-    max_group_order: int = MAX_GROUP_ORDER, canonical: bool = True,
+    max_group_order: int = MAX_GROUP_ORDER, canonical: bool = True, _canonical_sweep: bool = False,
 ) -> ExtractionResult:
     """:func:`layerwise.extract` for CNNs; ``input_shape = (C, H, W)`` of one input image. With ``canonical``, a
     certified network is moved to the canonical point of its fiber (ReLU-type channels get permutation actions,
@@ -122,7 +122,8 @@ def extract_cnn(
         a_out, _ = _resolve(act_out, layout.output_shape, f"generators[{name!r}][1]")
         resolved[name] = (a_in, a_out)
     group = FiniteGroup.from_generators(resolved, net.in_features, net.out_features, max_order=max_group_order)
-    sweep = _sweep(net, group, tol, canonical=False)
+    # after the canonical move, ReLU-type factors are matched as exactly 1 (permutations), as for MLPs
+    sweep = _sweep(net, group, tol, canonical=_canonical_sweep)
     extended = [extend_to_group(group, acts) for acts in sweep.actions]
     hom = max((e[1] for e in extended), default=0.0)
     failure, failed = _first_failure(sweep, tol, hom, net)
@@ -151,7 +152,7 @@ def extract_cnn(
     if failure is None and canonical:
         moved = _apply_canonical(folded, net, group, group_latent)
         return extract_cnn(moved, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
-                           canonical=False)
+                           canonical=False, _canonical_sweep=True)
     return ExtractionResult(
         equivariant=failure is None, residual=float(worst), model=folded, latent=latent, tol=float(tol),
         group=group, group_latent=group_latent, layer_residuals=sweep.residuals, output_residual=sweep.output,
