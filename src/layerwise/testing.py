@@ -322,6 +322,7 @@ def planted_cnn(
     kernel: int = 3,
     n_out: int = 3,
     batchnorm: bool = False,
+    pool: str | None = None,
     hide: bool = True,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -334,7 +335,9 @@ def planted_cnn(
     channels come in regular blocks, trivial channels and (where the activation allows) sign channels, and every
     layer is then hidden by a random channel permutation with factors from its hidden symmetry group. With
     ``batchnorm`` an eval-mode BatchNorm2d with random statistics follows each convolution, compensated so that
-    folding it gives the planted filters. ``Planted.latent`` holds the planted channel actions; pass
+    folding it gives the planted filters. ``pool="avg"`` or ``"max"`` puts a 2x2 pooling after the first layer; max
+    pooling commutes only with positive channel factors, so that layer then gets no sign channels and is hidden by
+    permutations and positive factors only. ``Planted.latent`` holds the planted channel actions; pass
     ``input_shape=(1, image, image)`` to :func:`layerwise.extract`.
     """
     if activation not in ACTIVATIONS or activation == "sigmoid":
@@ -366,7 +369,7 @@ def planted_cnn(
     c_in = 1
     for li, c in enumerate(channels):
         last = li == len(channels) - 1
-        n_sign = 0 if (not allow_sign or last) else c // 4
+        n_sign = 0 if (not allow_sign or last or (li == 0 and pool == "max")) else c // 4
         if li == 0:
             # filters of a single input channel that flip sign under the character span one dimension for D4:
             # more sign channels would be collinear rows, i.e. duplicated units
@@ -401,7 +404,10 @@ def planted_cnn(
     if hide:
         for li in range(len(convs)):
             c = convs[li][0].shape[0]
-            k_pre = LatentAction(torch.randperm(c, generator=gen), _random_factor(fam, c, gen))
+            factor = _random_factor(fam, c, gen)
+            if li == 0 and pool == "max":  # max(s z) = s max(z) needs s > 0
+                factor = factor.abs() if fam.scales in ("positive", "nonzero") else torch.ones_like(factor)
+            k_pre = LatentAction(torch.randperm(c, generator=gen), factor)
             w, b = convs[li]
             convs[li] = [k_pre.apply_rows(w.reshape(c, -1)).reshape(w.shape), k_pre.apply_rows(b[:, None])[:, 0]]
             lat = _latent_of(k_pre, fam)
@@ -430,6 +436,8 @@ def planted_cnn(
             conv.weight.copy_(w)
             conv.bias.copy_(b)
         mods += [conv, bn, ACTIVATIONS[activation]()] if batchnorm else [conv, ACTIVATIONS[activation]()]
+        if pool is not None and len(mods) <= 3:
+            mods.append({"avg": nn.AvgPool2d(2), "max": nn.MaxPool2d(2)}[pool])
         c_in = w.shape[0]
     lin = nn.Linear(c_in, n_out, dtype=dtype)
     with torch.no_grad():

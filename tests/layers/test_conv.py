@@ -112,7 +112,9 @@ def test_unsupported_convolutions_are_refused(conv, match):
 
 
 @pytest.mark.parametrize("mods,match", [
-    ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 2)], "MaxPool2d"),
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(16, 2)], "MaxPool2d"),
+    ([nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)],
+     "must follow an activation"),
     ([nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)],
      "Sigmoid"),
     ([nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(16, 2)], "AvgPool2d"),
@@ -186,3 +188,23 @@ def test_cnn_symmetrize_refuses_what_it_cannot_average():
     flat_head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
     with pytest.raises(LayerwiseError, match="AdaptiveAvgPool2d"):
         layerwise.symmetrize(flat_head, planted.generators)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_pooling_between_convolutions(activation, pool):
+    model, planted = planted_cnn(activation, group="d4", channels=(16, 16), seed=5, dtype=torch.float64, pool=pool)
+    res = layerwise.extract(model, planted.generators, input_shape=SHAPE)
+    assert res.equivariant and planted.characters_match(res)
+    assert not layerwise.extract(perturb(model, 1e-6), planted.generators, input_shape=SHAPE).equivariant
+
+
+def test_max_pooling_after_a_negated_channel_is_not_equivariant():
+    # with average pooling this tanh CNN is equivariant and its first layer has a channel negated by the flip;
+    # max(-z) != -max(z), so swapping in max pooling breaks it, and the sweep must say so
+    model, planted = planted_cnn("tanh", group="z2", channels=(8, 8), seed=0, dtype=torch.float64, pool="avg")
+    res = layerwise.extract(model, planted.generators, input_shape=SHAPE)
+    assert res.equivariant and any(a.channel.scale.min() < 0 for a in res.latent[0].values())
+    maxed = nn.Sequential(*[nn.MaxPool2d(2) if isinstance(m, nn.AvgPool2d) else m for m in model])
+    bad = layerwise.extract(maxed, planted.generators, input_shape=SHAPE)
+    assert not bad.equivariant and bad.failed_layer == 0

@@ -81,6 +81,12 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _S
             prev = LatentAction(m.perm, mult, off, dtype=net.dtype)
             actions[i][name] = prev
             residuals[i][name] = m.worst
+            if i in net.post:  # a nonlinear map after the activation (max pooling): carry the action through it
+                carried = net.post[i].carry(name, prev)
+                if carried is None:  # the action does not commute with it: a failed certificate
+                    residuals[i][name] = max(m.worst, 1.0)
+                    carried = net.post[i].fallback(prev)
+                prev = carried
         rho_out = torch.as_tensor(group.rho_out[h], dtype=torch.float64, device=device)
         output[name] = _output_residual(net.blocks[-1], prev, rho_out)
     return _Sweep(actions, residuals, output, fallbacks)

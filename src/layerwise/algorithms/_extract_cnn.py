@@ -20,7 +20,7 @@ from torch import nn
 from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
 from ..hidden import LatentAction
-from ..layers._conv import SPATIAL, parse_cnn, spatial_permutation
+from ..layers._conv import SPATIAL, factor_action, parse_cnn, spatial_permutation
 from ._extract import ExtractionResult, _first_failure, _sweep, canonical_factors, extend_to_group
 
 
@@ -66,21 +66,6 @@ def _resolve(action, shape: tuple[int, ...], where: str):
     return action, None
 
 
-def _factor(act: LatentAction, shape: tuple[int, int, int], spatial: str | None) -> LatentAction | None:
-    c, h, w = shape
-    hw = h * w
-    sp = spatial_permutation(spatial, (1, h, w)) if spatial else torch.arange(hw)
-    perm = act.perm.reshape(c, hw)
-    ch = perm // hw
-    if not torch.equal(ch, ch[:, :1].expand(-1, hw)) or not torch.equal(perm % hw, sp[None, :].expand(c, -1)):
-        return None
-    scale = act.scale.reshape(c, hw)
-    off = act.offset64.reshape(c, hw)
-    if not (torch.allclose(scale, scale[:, :1]) and torch.allclose(off, off[:, :1])):
-        return None
-    return LatentAction(ch[:, 0].clone(), scale[:, 0].clone(), off[:, 0].clone(), act.dtype)
-
-
 def _apply_canonical(folded: nn.Sequential, net, group, group_latent) -> nn.Sequential:
     """A copy of the (BatchNorm-folded) CNN moved to the canonical point of its fiber: per conv layer the factors
     come from the channel actions, per dense layer from the unit actions (:func:`canonical_factors`); each factor
@@ -122,6 +107,8 @@ def extract_cnn(
         a_out, _ = _resolve(act_out, layout.output_shape, f"generators[{name!r}][1]")
         resolved[name] = (a_in, a_out)
     group = FiniteGroup.from_generators(resolved, net.in_features, net.out_features, max_order=max_group_order)
+    for post in net.post.values():
+        post.spatial = spatial
     # after the canonical move, ReLU-type factors are matched as exactly 1 (permutations), as for MLPs
     sweep = _sweep(net, group, tol, canonical=_canonical_sweep)
     extended = [extend_to_group(group, acts) for acts in sweep.actions]
@@ -136,7 +123,7 @@ def extract_cnn(
             continue
         layer = {}
         for name, act in acts.items():
-            ch = _factor(act, shape, spatial[name])
+            ch = factor_action(act, shape, spatial[name])
             if ch is None:
                 if failure is None:
                     failure, failed = (f"hidden layer {i + 1}: the action of {name!r} is not a channel action "

@@ -1,11 +1,13 @@
-"""Adapter: small CNNs (Conv2d, BatchNorm2d in eval mode, pointwise activations, AvgPool2d(2),
+"""Adapter: small CNNs (Conv2d, BatchNorm2d in eval mode, pointwise activations, AvgPool2d(2), MaxPool2d(2),
 AdaptiveAvgPool2d(1), Flatten, Linear) as the equivalent dense network on flattened feature maps.
 
 A stride-1 convolution with zero padding ``k // 2`` is a linear map on the flattened ``(C, H, W)`` feature map
 (channel-major, as ``Flatten`` orders it); average pooling is linear too and is folded into the next layer;
 BatchNorm in eval mode is a per-channel affine map folded into the convolution before it. Every hidden unit of the
 dense view is a (channel, position) pair, so a latent action found on it can be read back as a channel action
-combined with a spatial transform. The unrolled matrices have ``(C H W)^2`` entries: this adapter is for small
+combined with a spatial transform. Max pooling is not linear: it stays a map between two dense blocks
+(``DenseNet.post``) and carries an action through only when its channel factors are positive. The unrolled matrices
+have ``(C H W)^2`` entries: this adapter is for small
 images (digits, CIFAR-sized maps with few channels).
 """
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import LayerwiseError
-from ..hidden import family_of
+from ..hidden import LatentAction, family_of
 from ._dense import PASSTHROUGH, DenseBlock, DenseNet, _flatten
 
 #: Spatial transforms of the last two axes, by name (square maps for rotations).
@@ -43,6 +45,57 @@ def spatial_permutation(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         raise LayerwiseError(f"spatial action: rot90 needs square maps, got {shape[-2]}x{shape[-1]}")
     idx = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
     return SPATIAL[name](idx).reshape(-1)
+
+
+def factor_action(act: LatentAction, shape: tuple[int, int, int], spatial: str | None) -> LatentAction | None:
+    """The channel action of a unit action on ``(C, H, W)`` maps, if it is one combined with ``spatial``:
+    ``perm[c, q] = (pi(c), T(q))`` with one factor and offset per channel; ``None`` otherwise."""
+    c, h, w = shape
+    hw = h * w
+    sp = spatial_permutation(spatial, (1, h, w)) if spatial else torch.arange(hw)
+    perm = act.perm.reshape(c, hw)
+    ch = perm // hw
+    if not torch.equal(ch, ch[:, :1].expand(-1, hw)) or not torch.equal(perm % hw, sp[None, :].expand(c, -1)):
+        return None
+    scale = act.scale.reshape(c, hw)
+    off = act.offset64.reshape(c, hw)
+    if not (torch.allclose(scale, scale[:, :1]) and torch.allclose(off, off[:, :1])):
+        return None
+    return LatentAction(ch[:, 0].clone(), scale[:, 0].clone(), off[:, 0].clone(), act.dtype)
+
+
+def expand_action(channel: LatentAction, shape: tuple[int, int, int], spatial: str | None) -> LatentAction:
+    """The unit action on ``(C, H, W)`` maps of a channel action combined with ``spatial``."""
+    c, h, w = shape
+    hw = h * w
+    sp = spatial_permutation(spatial, (1, h, w)) if spatial else torch.arange(hw)
+    perm = (channel.perm[:, None] * hw + sp[None, :]).reshape(-1)
+    return LatentAction(perm, channel.scale.repeat_interleave(hw), channel.offset64.repeat_interleave(hw),
+                        channel.dtype)
+
+
+class MaxPoolMap:
+    """``MaxPool2d(2)`` after an activation, in the dense view. A channel action combined with a flip or rotation
+    passes through it when every channel factor is positive and there is no offset (``max(s z) = s max(z)`` only
+    for ``s > 0``); otherwise :meth:`carry` returns ``None`` and the certificate fails."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.pooled = (shape[0], shape[1] // 2, shape[2] // 2)
+        self.spatial: dict[str, str | None] = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(z.reshape(z.shape[0], *self.shape), 2).reshape(z.shape[0], -1)
+
+    def carry(self, name: str, act: LatentAction) -> LatentAction | None:
+        spatial = self.spatial.get(name)
+        ch = factor_action(act, self.shape, spatial)
+        if ch is None or torch.any(ch.scale <= 0) or torch.any(ch.offset64 != 0):
+            return None
+        return expand_action(ch, self.pooled, spatial)
+
+    def fallback(self, act: LatentAction) -> LatentAction:
+        return LatentAction.identity(int(torch.tensor(self.pooled).prod()), act.dtype)
 
 
 @dataclass
@@ -124,6 +177,7 @@ def parse_cnn(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Dens
     shape: tuple[int, ...] = tuple(input_shape)
     layout = CNNLayout(input_shape=shape)
     pending = None  # linear map (matrix) from the last block's output space to the current space
+    post: dict[int, MaxPoolMap] = {}
     blocks: list[DenseBlock] = []
     dtype = None
     last_kind = None
@@ -167,15 +221,22 @@ def parse_cnn(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Dens
             last_kind = "affine"
             continue
         if isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
-            if isinstance(mod, nn.MaxPool2d):
-                raise LayerwiseError(f"{where}: MaxPool2d is not supported yet (use AvgPool2d(2))")
             if len(shape) != 3:
                 raise LayerwiseError(f"{where}: pooling needs (C, H, W) feature maps, gets shape {shape}")
-            if isinstance(mod, nn.AvgPool2d):
+            if isinstance(mod, (nn.AvgPool2d, nn.MaxPool2d)):
                 ok = mod.kernel_size in (2, (2, 2)) and mod.stride in (2, (2, 2)) and mod.padding in (0, (0, 0))
+                if isinstance(mod, nn.MaxPool2d):
+                    ok = ok and mod.dilation in (1, (1, 1)) and not mod.ceil_mode
                 if not ok or shape[1] % 2 or shape[2] % 2:
-                    raise LayerwiseError(f"{where}: only AvgPool2d(2) on even sizes is supported, got {mod} on "
-                                         f"{shape[1]}x{shape[2]}")
+                    raise LayerwiseError(f"{where}: only {type(mod).__name__}(2) on even sizes is supported, got "
+                                         f"{mod} on {shape[1]}x{shape[2]}")
+            if isinstance(mod, nn.MaxPool2d):
+                if last_kind != "act" or pending is not None or len(blocks) - 1 in post:
+                    raise LayerwiseError(f"{where}: MaxPool2d must follow an activation directly")
+                post[len(blocks) - 1] = MaxPoolMap(shape)
+                shape = (shape[0], shape[1] // 2, shape[2] // 2)
+                continue
+            if isinstance(mod, nn.AvgPool2d):
                 fn, new_shape = (lambda b: F.avg_pool2d(b, 2)), (shape[0], shape[1] // 2, shape[2] // 2)
             else:
                 if mod.output_size not in (1, (1, 1)):
@@ -205,4 +266,4 @@ def parse_cnn(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Dens
         blocks[-1].act = None
         raise LayerwiseError("model: an activation after the last layer is not supported for CNNs")
     layout.output_shape = shape
-    return DenseNet(blocks, [m for m in folded], dtype or torch.float32), layout, folded
+    return DenseNet(blocks, [m for m in folded], dtype or torch.float32, post), layout, folded

@@ -56,6 +56,9 @@ class DenseNet:
     blocks: list[DenseBlock]
     modules: list[nn.Module] = field(repr=False)
     dtype: torch.dtype
+    #: nonlinear maps after a hidden layer's activation (CNN max pooling), by hidden layer index; each has
+    #: ``forward(z)``, ``carry(generator, action) -> action | None`` and ``fallback(action) -> action``
+    post: dict = field(default_factory=dict, repr=False)
 
     @property
     def hidden(self) -> list[DenseBlock]:
@@ -71,7 +74,7 @@ class DenseNet:
 
     def copy(self) -> DenseNet:
         blocks = [replace(b, aug=b.aug.clone()) for b in self.blocks]
-        return DenseNet(blocks, self.modules, self.dtype)
+        return DenseNet(blocks, self.modules, self.dtype, self.post)
 
     def transport(self, i: int, factor: torch.Tensor) -> None:
         """Apply a hidden symmetry to hidden layer ``i``: scale its incoming rows by ``factor`` (elements of the
@@ -89,13 +92,15 @@ class DenseNet:
     def to(self, dtype: torch.dtype) -> DenseNet:
         """A copy computing in ``dtype`` (the module dtype written by :meth:`to_module` is unchanged)."""
         blocks = [replace(b, aug=b.aug.to(dtype).clone()) for b in self.blocks]
-        return DenseNet(blocks, self.modules, self.dtype)
+        return DenseNet(blocks, self.modules, self.dtype, self.post)
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Forward pass of the first ``upto`` blocks (all by default) on flattened inputs."""
         z = x.reshape(x.shape[0], -1).to(self.blocks[0].aug.dtype)
-        for block in self.blocks[:upto]:
+        for i, block in enumerate(self.blocks[:upto]):
             z = block.activate(z @ block.weight.T + block.bias)
+            if i in self.post:
+                z = self.post[i].forward(z)
         return z
 
     def to_module(self) -> nn.Sequential:
