@@ -208,3 +208,25 @@ def test_max_pooling_after_a_negated_channel_is_not_equivariant():
     maxed = nn.Sequential(*[nn.MaxPool2d(2) if isinstance(m, nn.AvgPool2d) else m for m in model])
     bad = layerwise.extract(maxed, planted.generators, input_shape=SHAPE)
     assert not bad.equivariant and bad.failed_layer == 0
+
+
+def test_cnn_metrics_vanish_on_planted_cnns_and_controls_do_not():
+    model, planted = planted_cnn("tanh", group="z2", channels=(8, 8), seed=0, dtype=torch.float64, pool="avg")
+    x = torch.randn(300, 1, 8, 8, dtype=torch.float64)
+    rows = layerwise.layerwise_metrics(model, planted.generators, x)
+    assert [r.layer for r in rows] == [1, 2]
+    for r in rows:
+        assert r.linear < 1e-6 and r.constrained_activations < 1e-10 and r.constrained_weights < 1e-10
+        assert r.consistent < 1e-10
+    control = layerwise.layerwise_metrics(model, {"vflip": ("vflip", None)}, x)
+    assert all(r.constrained_activations > 0.05 for r in control)
+    noisy = layerwise.layerwise_metrics(perturb(model, 0.05), planted.generators, x)
+    assert all(0 < r.constrained_activations < 0.5 for r in noisy)
+
+
+def test_cnn_metrics_bad_inputs():
+    model, planted = planted_cnn("tanh", seed=0)
+    with pytest.raises(LayerwiseError, match=r"\(N, 1, H, W\)"):
+        layerwise.layerwise_metrics(model, planted.generators, torch.randn(10, 64))
+    with pytest.raises(LayerwiseError, match="spatial action"):
+        layerwise.layerwise_metrics(model, {"f": (torch.arange(64), None)}, torch.randn(10, 1, 8, 8))

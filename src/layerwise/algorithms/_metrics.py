@@ -114,6 +114,9 @@ def layerwise_metrics(
             the widest layer (the least-squares fit has ``width^2`` unknowns).
         kinds: which errors to compute (the others are NaN); the group-consistent one is the slowest.
 
+    CNNs take spatial generators (``"hflip"``, ...) and ``(N, C, H, W)`` inputs; their convolutional layers are
+    measured channel by channel against ``T(f(x))`` (see :mod:`layerwise.algorithms._metrics_cnn`).
+
     Example:
         >>> import torch, layerwise
         >>> from layerwise.testing import planted_mlp
@@ -125,6 +128,12 @@ def layerwise_metrics(
     unknown = set(kinds) - set(METRIC_KINDS)
     if unknown:
         raise LayerwiseError(f"kinds: unknown {sorted(unknown)}; choose from {list(METRIC_KINDS)}")
+    from ..layers._conv import is_cnn
+
+    if is_cnn(model):
+        from ._metrics_cnn import cnn_metrics
+
+        return cnn_metrics(model, generators, inputs, seed=seed, kinds=kinds, max_group_order=max_group_order)
     x = _check_inputs(inputs, model)
     net = parse_dense(model)
     # the theorem speaks of the identifiable submodel: dead units, say, are not layerwise equivariant but harmless

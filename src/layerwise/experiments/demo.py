@@ -212,6 +212,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     cnn_gens = {"hflip": ("hflip", None)}
     images_train = data.x_train.reshape(-1, 1, 8, 8)
     cnn_rows, cnn_report, cnn_alignment, cnn_main = [], {}, None, None
+    cnn_metric_rows = []
+    image_maps = images.reshape(-1, 1, 8, 8)
     for symmetry in ("augment", "none"):
         cfg = TrainConfig(task="classifier", first_activation="tanh", widths=settings.cnn_channels, symmetry=symmetry,
                           epochs=settings.cnn_epochs, lr=3e-3, weight_decay=1e-3, seed=seed, arch="cnn")
@@ -228,6 +230,12 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                                                        "residual": cert.residual,
                                                        "structure": [a.latent["hflip"].summary() for a in alignment]},
                  "naive_average": {"accuracy": acc(naive)}}
+        for transform, gen in (("left-right", cnn_gens), ("up-down (control)", {"vflip": ("vflip", None)})):
+            for r in layerwise_metrics(cnn, gen, image_maps, kinds=("linear", "constrained_activations")):
+                cnn_metric_rows.append([symmetry, f"f{r.layer}", transform, r.linear, r.constrained_activations])
+                entry.setdefault("layer_metrics", []).append(
+                    {"layer": r.layer, "transform": transform, "linear": r.linear,
+                     "constrained_activations": r.constrained_activations})
         cnn_report[symmetry] = entry
         cnn_rows.append([symmetry, entry["accuracy"], entry["symmetrized"]["accuracy"],
                          entry["naive_average"]["accuracy"], "yes" if cert.equivariant else "NO"])
@@ -236,6 +244,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
             cnn_cert = cert
     log(format_table(["trained with", "original acc.", "symmetrized acc.", "naive avg acc.", "certified"], cnn_rows,
                      "Merge with the mirrored copy (no BatchNorm in this CNN, so no statistics to reset):"))
+    log(format_table(["trained with", "layer", "mirror", "channel-affine", "K_i (channels)"], cnn_metric_rows,
+                     "Layerwise equivariance of the CNN's layers (f(gx) against a channel map of T f(x)):"))
     log("latent structure of the symmetrized CNN (channels):")
     for i, layer in enumerate(cnn_cert.latent):
         for name, act in layer.items():
