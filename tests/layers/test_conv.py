@@ -230,3 +230,33 @@ def test_cnn_metrics_bad_inputs():
         layerwise.layerwise_metrics(model, planted.generators, torch.randn(10, 64))
     with pytest.raises(LayerwiseError, match="spatial action"):
         layerwise.layerwise_metrics(model, {"f": (torch.arange(64), None)}, torch.randn(10, 1, 8, 8))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_dead_and_duplicated_channels_are_reduced(activation):
+    model, planted = planted_cnn(activation, group="d4", channels=(16, 16), seed=3, dtype=torch.float64)
+    conv1, conv2 = model[0], model[2]
+    factor = {"relu": 2.0, "tanh": -1.0, "gelu": 1.0}[activation]
+    fam = layerwise.hidden.family_of(model[1], "a")
+    mult = float(fam.latent(torch.tensor([factor], dtype=torch.float64))[0])
+    with torch.no_grad():  # channel 16: a copy of channel 3 (times factor); channel 17: dead
+        w1 = torch.cat([conv1.weight, factor * conv1.weight[3:4], torch.randn(1, 1, 3, 3, dtype=torch.float64)])
+        b1 = torch.cat([conv1.bias, factor * conv1.bias[3:4], torch.randn(1, dtype=torch.float64)])
+        split = 0.3 * conv2.weight[:, 3:4]
+        w2 = torch.cat([conv2.weight, split, torch.zeros_like(split)], 1)
+        w2[:, 3:4] -= mult * split  # the copy carries part of channel 3's outgoing weights
+        big1 = nn.Conv2d(1, 18, 3, padding=1, dtype=torch.float64)
+        big2 = nn.Conv2d(18, 16, 3, padding=1, dtype=torch.float64)
+        big1.weight.copy_(w1)
+        big1.bias.copy_(b1)
+        big2.weight.copy_(w2)
+        big2.bias.copy_(conv2.bias)
+    bigger = nn.Sequential(big1, model[1], big2, *list(model)[3:])
+    x = torch.randn(20, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((bigger(x) - model(x)).norm() / model(x).norm()) < 1e-12
+    res = layerwise.extract(bigger, planted.generators, input_shape=SHAPE)
+    assert res.equivariant and planted.characters_match(res)
+    assert res.reduction[0].dead == [17] and res.reduction[0].merged == [(16, 3)]
+    with torch.no_grad():
+        assert float((res.model(x) - model(x)).norm() / model(x).norm()) < 1e-12

@@ -4,8 +4,8 @@ The sweep of :mod:`._extract` runs on the unrolled network, whose hidden units a
 convolutional layer the action it finds must then factor as a channel action (the layer's hidden symmetry group
 acting on channels) combined with the spatial transform of the generator: ``perm[c, q] = (pi(c), T(q))`` with one
 factor per channel. That factorization is checked and reported; a failure counts as a failed certificate.
-Not yet: the reduction to the submodel for CNNs (the returned model is the BatchNorm-folded input, moved to the
-canonical point of its fiber).
+Before the sweep, dead and duplicated channels are removed (``_reduce_cnn``); after it, a certified network is moved
+to the canonical point of its fiber.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
 from ..hidden import LatentAction
 from ..layers._conv import SPATIAL, factor_action, parse_cnn, spatial_permutation
-from ._extract import ExtractionResult, _first_failure, _sweep, canonical_factors, extend_to_group
+from ._extract import REDUCE_TOL, ExtractionResult, _first_failure, _sweep, canonical_factors, extend_to_group
+from ._reduce_cnn import reduce_cnn
 
 
 @dataclass
@@ -98,6 +99,11 @@ def extract_cnn(
     from ._extract import DEFAULT_TOL
 
     net, layout, folded = parse_cnn(model, input_shape)
+    reports = []
+    if not _canonical_sweep:  # (the canonical second pass runs on an already reduced model)
+        folded, reports = reduce_cnn(folded, [b.family for b in net.hidden], REDUCE_TOL[net.dtype])
+        if any(r.width_after != r.width_before for r in reports):
+            net, layout, folded = parse_cnn(folded, input_shape)
     tol = DEFAULT_TOL[net.dtype] if tol is None else tol
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise LayerwiseError(f"tol: expected a positive finite number, got {tol!r}")
@@ -138,11 +144,13 @@ def extract_cnn(
         worst = 1.0  # the factorization failed although every match verified
     if failure is None and canonical:
         moved = _apply_canonical(folded, net, group, group_latent)
-        return extract_cnn(moved, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
-                           canonical=False, _canonical_sweep=True)
+        result = extract_cnn(moved, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
+                             canonical=False, _canonical_sweep=True)
+        result.reduction = reports
+        return result
     return ExtractionResult(
         equivariant=failure is None, residual=float(worst), model=folded, latent=latent, tol=float(tol),
         group=group, group_latent=group_latent, layer_residuals=sweep.residuals, output_residual=sweep.output,
-        homomorphism_residual=float(hom), first_failure=failure, failed_layer=failed, reduction=[],
+        homomorphism_residual=float(hom), first_failure=failure, failed_layer=failed, reduction=reports,
         families=[b.family.name for b in net.hidden], identifiable=[b.family.identifiable for b in net.hidden],
     )
