@@ -76,6 +76,8 @@ def _apply_canonical(folded: nn.Sequential, net, group, group_latent) -> nn.Sequ
     with torch.no_grad():
         for k, (blk, acts) in enumerate(zip(net.hidden, group_latent)):
             for factor in canonical_factors(blk.family, group, acts):
+                if blk.family.affine_flip and torch.any(factor < 0):
+                    continue  # a sigmoid flip would put a position-dependent offset into the next convolution
                 cur, nxt = model[affine[k]], model[affine[k + 1]]
                 f = factor.to(cur.weight.dtype)
                 mult, _ = blk.family.latent(f)

@@ -81,6 +81,8 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
                 outs.append(z)
             elif s.kind == "pool":
                 z = F.avg_pool2d(z, 2)
+            elif s.kind == "maxpool":
+                z = F.max_pool2d(z, 2)
             elif s.kind == "gap":
                 z = z.mean(dim=(-2, -1))
             elif s.act is not None:

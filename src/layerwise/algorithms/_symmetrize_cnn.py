@@ -14,7 +14,7 @@ group-consistently (``_align``) from activations (correlation of channel ``j`` o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,10 +33,20 @@ _INVERSE = {"hflip": SPATIAL["hflip"], "vflip": SPATIAL["vflip"], "rot90": lambd
 
 @dataclass
 class _Stage:
-    kind: str  # "conv" | "pool" | "gap" | "dense"
+    kind: str  # "conv" | "pool" | "maxpool" | "gap" | "dense"
     index: int
     act: int | None = None
     family: ActivationFamily | None = None
+    maxpool: bool = False  # a MaxPool2d follows this layer's activation
+
+    def alignment_family(self) -> ActivationFamily:
+        """The family whose group the channel alignment may use. Sigmoid's flip ``1 - z`` of a channel cannot be
+        moved into a zero-padded convolution (the offset becomes position dependent), and max pooling commutes only
+        with positive factors: such layers are aligned by permutations (with positive factors where allowed)."""
+        fam = self.family
+        if self.kind == "conv" and (fam.affine_flip or (self.maxpool and fam.scales in ("sign", "nonzero"))):
+            return replace(fam, scales="one" if fam.scales == "sign" else "positive", affine_flip=False)
+        return fam
 
 
 def _stages(model: nn.Sequential) -> list[_Stage]:
@@ -56,6 +66,11 @@ def _stages(model: nn.Sequential) -> list[_Stage]:
             stages.append(_Stage("dense", i))
         elif isinstance(mod, nn.AvgPool2d):
             stages.append(_Stage("pool", i))
+        elif isinstance(mod, nn.MaxPool2d):
+            if not stages or stages[-1].kind != "conv" or stages[-1].act is None:
+                raise LayerwiseError(f"{where}: MaxPool2d must follow a convolution's activation")
+            stages[-1].maxpool = True
+            stages.append(_Stage("maxpool", i))
         elif isinstance(mod, nn.AdaptiveAvgPool2d):
             stages.append(_Stage("gap", i))
         else:
@@ -140,6 +155,8 @@ def symmetrize_cnn(
                 outs.append(z)
             elif s.kind == "pool":
                 z = torch.nn.functional.avg_pool2d(z, 2)
+            elif s.kind == "maxpool":
+                z = torch.nn.functional.max_pool2d(z, 2)
             elif s.kind == "gap":
                 z = z.mean(dim=(-2, -1))
             elif s.act is not None:
@@ -181,7 +198,7 @@ def symmetrize_cnn(
                 sims = 1e-2 * sims + np.stack([activation_similarity(acts[0][hidden_i], acts[h][hidden_i])
                                                for h in range(group.order)])
         if aligned:
-            al = consistent_actions(sims, group, s.family, dtype)
+            al = consistent_actions(sims, group, s.alignment_family(), dtype)
         else:
             ident = {n: LatentAction.identity(w.shape[0], dtype) for n in group.names}
             al = LayerAlignment(ident, ident, float("nan"), float("nan"))

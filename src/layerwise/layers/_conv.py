@@ -249,9 +249,6 @@ def parse_cnn(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Dens
         family = family_of(mod, where)
         if last_kind != "affine":
             raise LayerwiseError(f"{where}: activation {type(mod).__name__} must follow a Conv2d or Linear")
-        if family.affine_flip and len(shape) == 3:
-            raise LayerwiseError(f"{where}: Sigmoid after a Conv2d is not supported (its affine latent flips do not "
-                                 "commute with zero padding)")
         blocks[-1].act = mod
         blocks[-1].family = family
         blocks[-1].act_index = i
