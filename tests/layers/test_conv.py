@@ -140,7 +140,7 @@ def test_spatial_actions_in_the_oracle_and_clear_refusals_elsewhere():
     assert layerwise.equivariance_error(model, planted.generators, x) < 1e-12
     assert layerwise.equivariance_error(model, {"v": ("vflip", None)}, x) < 1e-12  # D4 contains vflip
     with pytest.raises(LayerwiseError, match="only so far"):
-        layerwise.align(model, planted.generators)
+        layerwise.layer_equivariance_errors(model, [], planted.generators, x)
     with pytest.raises(LayerwiseError, match="spatial action"):
         layerwise.equivariance_error(model, {"s": ("shear", None)}, x)
 
@@ -183,9 +183,9 @@ def test_cnn_symmetrize_refuses_what_it_cannot_average():
         layerwise.symmetrize(model, {"f": (torch.arange(64), None)})
     with pytest.raises(LayerwiseError, match="data"):
         layerwise.symmetrize(model, planted.generators, torch.randn(10, 64))
-    flat_head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
-    with pytest.raises(LayerwiseError, match="AdaptiveAvgPool2d"):
-        layerwise.symmetrize(flat_head, planted.generators)
+    no_head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, padding=1))
+    with pytest.raises(LayerwiseError, match="final Linear"):
+        layerwise.symmetrize(no_head, planted.generators)
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
@@ -291,3 +291,26 @@ def test_symmetrize_and_metrics_through_max_pooling(activation):
     assert layerwise.extract(noisy, planted.generators, input_shape=SHAPE).equivariant
     assert layerwise.equivariance_error(noisy, planted.generators, x) < 1e-12
     assert all(r.constrained_activations < 1e-10 for r in layerwise.layerwise_metrics(model, planted.generators, x))
+
+
+@pytest.mark.parametrize("source", ["data", "weights"])
+def test_flatten_head_is_symmetrized_with_the_spatial_action_on_its_inputs(source):
+    model, planted = planted_cnn("tanh", group="d4", channels=(16, 16), seed=0, dtype=torch.float64, pool="avg")
+    flat = nn.Sequential(*list(model)[:-3], nn.Flatten(), nn.Linear(16 * 16, 3, dtype=torch.float64))
+    x = torch.randn(100, 1, 8, 8, dtype=torch.float64)
+    sym = layerwise.symmetrize(flat, planted.generators, x if source == "data" else None)
+    assert layerwise.extract(sym, planted.generators, input_shape=SHAPE).equivariant
+    assert layerwise.equivariance_error(sym, planted.generators, x) < 1e-12
+    with torch.no_grad():
+        again = layerwise.symmetrize(sym, planted.generators, x if source == "data" else None)
+        assert float((again(x) - sym(x)).norm() / sym(x).norm()) < 1e-12
+    rows = layerwise.layerwise_metrics(sym, planted.generators, x)
+    assert all(r.constrained_activations < 1e-10 for r in rows)
+
+
+def test_align_on_a_cnn_returns_channel_actions():
+    model, planted = planted_cnn("tanh", group="d4", channels=(16, 16), seed=0, dtype=torch.float64)
+    x = torch.randn(100, 1, 8, 8, dtype=torch.float64)
+    al = layerwise.align(model, planted.generators, x)
+    assert len(al) == 2 and all(a.latent["hflip"].size == 16 for a in al)
+    assert all(0.99 <= a.quality <= 1.0 + 1e-12 for a in al)

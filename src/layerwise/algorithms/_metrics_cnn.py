@@ -31,7 +31,7 @@ from ._align import activation_similarity, best_assignment, consistent_actions, 
 from ._extract import extend_to_group, transformed_rows
 from ._metrics import METRIC_KINDS, LayerMetric, _affine_fit, _fit_factors
 from ._symmetrize import chain_action
-from ._symmetrize_cnn import _moved_filters, _stages, _word
+from ._symmetrize_cnn import _moved_filters, _stages, _word, units_of
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
                 z = z.mean(dim=(-2, -1))
             elif s.act is not None:
                 w, b = params[s.index]
-                z = mods[s.act](z @ w.T + b)
+                z = mods[s.act](z.reshape(z.shape[0], -1) @ w.T + b)
                 outs.append(z[:, :, None, None])
         return outs
 
@@ -125,8 +125,11 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
                     perm = best_assignment(sims[h], signed_latent(s.family))[0]
                     values["constrained_activations"] = constrained(perm)
                 if "constrained_weights" in kinds:
-                    moved_w = (torch.cat([_moved_filters(w, prev_w[name], words[h]).reshape(w.shape[0], -1),
-                                          b[:, None]], 1) if s.kind == "conv" else transformed_rows(aug, prev_w[name]))
+                    if s.kind == "conv":
+                        moved_w = torch.cat([_moved_filters(w, prev_w[name], words[h]).reshape(w.shape[0], -1),
+                                             b[:, None]], 1)
+                    else:
+                        moved_w = transformed_rows(aug, units_of(prev_w[name], w.shape[1], words[h]))
                     perm, sign, _ = best_assignment(weight_similarity(aug, moved_w), signed_latent(s.family))
                     values["constrained_weights"] = constrained(perm)
                     prev_w[name] = chain_action(blk, moved_w, perm, sign)

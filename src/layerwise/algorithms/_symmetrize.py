@@ -64,8 +64,8 @@ def align_network(
         moved = [transformed_rows(blk.aug, p) for p in prev]
         sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
         if acts is not None:
-            sims = WEIGHT_TIEBREAK * sims + np.stack(
-                [activation_similarity(acts[0][i], acts[h][i]) for h in range(group.order)])
+            sims = (WEIGHT_TIEBREAK * sims + np.stack(
+                [activation_similarity(acts[0][i], acts[h][i]) for h in range(group.order)])) / (1 + WEIGHT_TIEBREAK)
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
         scaled = {name: chain_action(blk, moved[group.generator_index(name)], act.perm, pre.scale)
@@ -192,6 +192,12 @@ def align(model: nn.Module, generators: dict, data: torch.Tensor | None = None, 
     Each :class:`LayerAlignment` holds per-generator actions (``.latent``, ``.pre``) that form a homomorphism of the
     whole group, the similarity they achieve (``.quality``) and what unconstrained assignment would achieve.
     """
+    from ..layers._conv import is_cnn
+
+    if is_cnn(model):  # channel alignments, as symmetrize computes them
+        from ._symmetrize_cnn import symmetrize_cnn
+
+        return symmetrize_cnn(model, generators, data, max_group_order=max_group_order, return_alignment=True)[1]
     net = parse_dense(model)
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     if data is not None:

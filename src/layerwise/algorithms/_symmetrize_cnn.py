@@ -27,6 +27,7 @@ from ..layers._conv import SPATIAL, _check_conv, fold_batchnorm, spatial_permuta
 from ..layers._dense import PASSTHROUGH
 from ._align import LayerAlignment, activation_similarity, consistent_actions, weight_similarity
 from ._extract import extend_to_group, transformed_rows
+from ._symmetrize import WEIGHT_TIEBREAK
 
 _INVERSE = {"hflip": SPATIAL["hflip"], "vflip": SPATIAL["vflip"], "rot90": lambda a: torch.rot90(a, -1, (-2, -1))}
 
@@ -53,16 +54,20 @@ def _stages(model: nn.Sequential) -> list[_Stage]:
     stages: list[_Stage] = []
     for i, mod in enumerate(model):
         where = f"model[{i}]"
-        if isinstance(mod, nn.Flatten) or (isinstance(mod, PASSTHROUGH)):
+        if isinstance(mod, nn.Flatten):
+            if stages and stages[-1].kind not in ("gap", "dense", "flatten"):
+                stages.append(_Stage("flatten", i))
+            continue
+        if isinstance(mod, PASSTHROUGH):
             continue
         if isinstance(mod, nn.Conv2d):
             _check_conv(mod, where)
-            if any(s.kind in ("gap", "dense") for s in stages):
+            if any(s.kind in ("gap", "dense", "flatten") for s in stages):
                 raise LayerwiseError(f"{where}: a Conv2d after the pooling head is not supported by symmetrize")
             stages.append(_Stage("conv", i))
         elif isinstance(mod, nn.Linear):
-            if not any(s.kind == "gap" for s in stages):
-                raise LayerwiseError(f"{where}: symmetrize for CNNs needs AdaptiveAvgPool2d(1) before the dense head")
+            if not any(s.kind in ("gap", "flatten") for s in stages):
+                raise LayerwiseError(f"{where}: a Linear layer needs AdaptiveAvgPool2d(1) or Flatten before it")
             stages.append(_Stage("dense", i))
         elif isinstance(mod, nn.AvgPool2d):
             stages.append(_Stage("pool", i))
@@ -94,6 +99,23 @@ def _word(word: tuple[str, ...], a: torch.Tensor) -> torch.Tensor:
     for s in reversed(word):
         a = SPATIAL[s](a)
     return a
+
+
+def units_of(channel: LatentAction, n_features: int, word: tuple[str, ...]) -> LatentAction:
+    """The action on ``Flatten``-ed ``(C, H, W)`` maps (``n_features = C H W``, square maps) of a channel action
+    combined with the spatial transform of the group element spelled ``word``; unchanged when
+    ``n_features == C`` (after global pooling)."""
+    c = channel.size
+    if n_features == c:
+        return channel
+    hw = n_features // c
+    side = int(round(hw**0.5))
+    if c * side * side != n_features:
+        raise LayerwiseError(f"model: a Linear layer with {n_features} inputs after {c} channels needs square maps")
+    sp = _word(word, torch.arange(hw).reshape(1, side, side)).reshape(-1)
+    perm = (channel.perm[:, None] * hw + sp[None, :]).reshape(-1)
+    return LatentAction(perm, channel.scale.repeat_interleave(hw), channel.offset64.repeat_interleave(hw),
+                        channel.dtype)
 
 
 def _moved_filters(w: torch.Tensor, k_in: LatentAction, word: tuple[str, ...]) -> torch.Tensor:
@@ -161,7 +183,7 @@ def symmetrize_cnn(
                 z = z.mean(dim=(-2, -1))
             elif s.act is not None:
                 w, b = params[s.index]
-                z = mods[s.act](z @ w.T + b)
+                z = mods[s.act](z.reshape(z.shape[0], -1) @ w.T + b)
                 outs.append(z)
         return outs
 
@@ -185,8 +207,10 @@ def symmetrize_cnn(
                 for h in range(group.order):
                     zt = _word(words[h], z0)  # T_h f(x), compared with f(h x)
                     flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1).T  # noqa: E731
-                    sims[h] = 1e-2 * sims[h] + activation_similarity(flat(zt), flat(acts[h][hidden_i]))
+                    sims[h] = (WEIGHT_TIEBREAK * sims[h] + activation_similarity(flat(zt), flat(acts[h][hidden_i]))) \
+                        / (1 + WEIGHT_TIEBREAK)
         else:
+            prev = [units_of(prev[h], w.shape[1], words[h]) for h in range(group.order)]
             moved = [transformed_rows(torch.cat([w, b[:, None]], 1), prev[h]) for h in range(group.order)]
             base = torch.cat([w, b[:, None]], 1)
             if s.act is None:  # output layer: average with rho_L
@@ -195,8 +219,8 @@ def symmetrize_cnn(
                 continue
             sims = np.stack([weight_similarity(base, m) for m in moved])
             if acts is not None:
-                sims = 1e-2 * sims + np.stack([activation_similarity(acts[0][hidden_i], acts[h][hidden_i])
-                                               for h in range(group.order)])
+                sims = (WEIGHT_TIEBREAK * sims + np.stack([activation_similarity(acts[0][hidden_i], acts[h][hidden_i])
+                                                           for h in range(group.order)])) / (1 + WEIGHT_TIEBREAK)
         if aligned:
             al = consistent_actions(sims, group, s.alignment_family(), dtype)
         else:

@@ -148,8 +148,9 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
     conv = [w for w, m in named if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d,
                                                  nn.AdaptiveAvgPool2d))]
     if conv:
-        raise LayerwiseError(f"{conv[0]}: CNNs are supported by layerwise.extract (with input_shape=...) and "
-                             "layerwise.symmetrize only so far; metrics and align take dense nn.Sequential models")
+        raise LayerwiseError(f"{conv[0]}: CNNs are supported by extract (with input_shape=...), symmetrize, "
+                             "naive_average, align and layerwise_metrics; this function takes dense nn.Sequential "
+                             "models only so far")
     blocks: list[DenseBlock] = []
     dtype: torch.dtype | None = None
     last_kind = None  # "linear" | "act"
