@@ -20,7 +20,7 @@ from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseBlock, DenseNet, parse_dense
-from ._match import match_rows
+from ._match import match_rows, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
 #: Certificate tolerance on the worst relative residual, by the model's dtype.
@@ -64,7 +64,9 @@ class _Sweep:
     fallbacks: int
 
 
-def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _Sweep:
+def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known: _Sweep | None = None) -> _Sweep:
+    """One pass over the layers per generator. With ``known`` (an earlier sweep of the same units) the permutations
+    are taken from it and only verified: the canonical move rescales and flips units but never reorders them."""
     actions: list[dict[str, LatentAction]] = [{} for _ in net.hidden]
     residuals: list[dict[str, float]] = [{} for _ in net.hidden]
     output: dict[str, float] = {}
@@ -75,7 +77,11 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool) -> _S
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             scales = blk.family.canonical_scales if canonical else blk.family.scales
-            m = match_rows(blk.aug, transformed_rows(blk.aug, prev), scales, tol)
+            moved = transformed_rows(blk.aug, prev)
+            if known is not None:
+                m = verify_rows(blk.aug, moved, known.actions[i][name].perm, scales)
+            else:
+                m = match_rows(blk.aug, moved, scales, tol)
             fallbacks += m.n_fallback
             mult, off = blk.family.latent(m.scale)
             prev = LatentAction(m.perm, mult, off, dtype=net.dtype)
@@ -309,8 +315,9 @@ def extract(
     if failure is None and canonical:
         _canonical_parameters(reduced, group, group_latent)
     out_model = reduced.to_module()
-    final_net = parse_dense(out_model, device=device)
-    sweep = _sweep(final_net, group, tol, canonical=canonical) if failure is None else first
+    # the returned weights are exactly reduced.aug (same dtype), so the certificate is computed on them directly
+    final_net = reduced
+    sweep = _sweep(final_net, group, tol, canonical=canonical, known=first) if failure is None else first
     if failure is None:
         extended = [extend_to_group(group, acts) for acts in sweep.actions]
         group_latent = [e[0] for e in extended]

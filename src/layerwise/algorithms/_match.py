@@ -154,3 +154,13 @@ def match_rows(
         s[rows_b] = s_fb
         res[rows_b] = row_residual(A[perm[rows_b]], B[rows_b], s_fb)
     return RowMatch(perm, s, res, n_fb)
+
+
+def verify_rows(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, scales: str) -> RowMatch:
+    """Residuals of a known matching ``B[j] ~ s_j A[perm[j]]`` with the best allowed ``s_j`` (no search)."""
+    if A.shape[0] == 0:
+        empty = torch.zeros(0, dtype=A.dtype, device=A.device)
+        return RowMatch(perm, empty, empty, 0)
+    a = A[perm]
+    s = best_scale(a, B, scales)
+    return RowMatch(perm, s, row_residual(a, B, s), 0)

@@ -110,8 +110,8 @@ class DenseNet:
         for i, mod in enumerate(self.modules):
             if i in by_index:
                 b = by_index[i]
-                lin = nn.Linear(b.weight.shape[1], b.weight.shape[0], bias=b.has_bias, dtype=self.dtype,
-                                device=b.weight.device)
+                lin = nn.utils.skip_init(nn.Linear, b.weight.shape[1], b.weight.shape[0], bias=b.has_bias,
+                                         dtype=self.dtype, device=b.weight.device)  # every value is copied in
                 with torch.no_grad():
                     lin.weight.copy_(b.weight.to(self.dtype))
                     if b.has_bias:
