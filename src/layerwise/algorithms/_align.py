@@ -90,6 +90,12 @@ def involution_matching(sim: np.ndarray, signed: bool, candidates: int = 8) -> t
     algorithm fast; a perfect matching always exists (every unit fixed).
     """
     n = sim.shape[0]
+    # Fast path: the best unconstrained assignment (scipy, in C) maximizes sum_j |S[j, perm[j]]| over all
+    # permutations; when it is already an involution whose swapped pairs carry one sign, no involution can score
+    # more, so it is the answer (the usual case at low noise), and the blossom algorithm is not needed.
+    perm, sign, _ = best_assignment(sim, signed)
+    if np.array_equal(perm[perm], np.arange(n)) and np.array_equal(sign[perm], sign):
+        return perm, sign
     pair = sim + sim.T  # swapping i and j scores S[i, j] + S[j, i]
     pair_score = np.abs(pair) if signed else pair
     fixed = np.abs(np.diag(sim)) if signed else np.diag(sim).copy()
