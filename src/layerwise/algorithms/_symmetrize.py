@@ -17,10 +17,11 @@ from .._oracle import _check_inputs, _eval_mode
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
-from ._align import LayerAlignment, activation_similarity, consistent_actions, weight_similarity
+from ._align import LayerAlignment, consistent_actions, weight_similarity
 from ._extract import REDUCE_TOL, extend_to_group, transformed_rows
 from ._match import best_scale
 from ._reduce import reduce_to_submodel
+from ._stats import CorrelationStats
 
 
 def _group_inputs(group: FiniteGroup, x: torch.Tensor) -> list[torch.Tensor]:
@@ -44,6 +45,29 @@ def _hidden(net: DenseNet, x: torch.Tensor) -> list[torch.Tensor]:
 WEIGHT_TIEBREAK = 1e-2
 
 
+#: Samples per batch when activation statistics are accumulated over the data.
+STATS_BATCH = 4096
+
+
+def activation_statistics(net: DenseNet, group: FiniteGroup, data: torch.Tensor,
+                          batch_size: int = STATS_BATCH) -> list[list[np.ndarray]]:
+    """Per hidden layer and group element ``h``, the correlation matrix ``S_h[j, i] = corr(f(h x)_j, f(x)_i)``
+    over ``data``, accumulated in batches (one pass, memory independent of the number of samples)."""
+    stats = [[CorrelationStats() for _ in range(group.order)] for _ in net.hidden]
+    mats = [torch.as_tensor(group.rho_in[h].T, dtype=net.blocks[0].aug.dtype) for h in range(group.order)]
+    flat = data.reshape(data.shape[0], -1).to(net.blocks[0].aug.dtype)
+    if flat.shape[1] != group.rho_in.shape[1]:
+        raise LayerwiseError(f"data: {flat.shape[1]} features per sample, the model takes {group.rho_in.shape[1]}")
+    with torch.no_grad():
+        for batch in flat.split(batch_size):
+            base = _hidden(net, batch)
+            for h in range(group.order):
+                moved = base if h == 0 else _hidden(net, batch @ mats[h])
+                for i, (z, zh) in enumerate(zip(base, moved)):
+                    stats[i][h].update(z, zh)
+    return [[s.correlation() for s in layer] for layer in stats]
+
+
 def align_network(
     net: DenseNet, group: FiniteGroup, data: torch.Tensor | None = None
 ) -> list[LayerAlignment]:
@@ -55,17 +79,13 @@ def align_network(
     that are (nearly) inactive on the data and so have no informative correlation.
     """
     out: list[LayerAlignment] = []
-    acts = None
-    if data is not None:
-        with torch.no_grad():
-            acts = [_hidden(net, xh.to(net.blocks[0].aug.dtype)) for xh in _group_inputs(group, data)]
+    corr = activation_statistics(net, group, data) if data is not None else None
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
     for i, blk in enumerate(net.hidden):
         moved = [transformed_rows(blk.aug, p) for p in prev]
         sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
-        if acts is not None:
-            sims = (WEIGHT_TIEBREAK * sims + np.stack(
-                [activation_similarity(acts[0][i], acts[h][i]) for h in range(group.order)])) / (1 + WEIGHT_TIEBREAK)
+        if corr is not None:
+            sims = (WEIGHT_TIEBREAK * sims + np.stack(corr[i])) / (1 + WEIGHT_TIEBREAK)
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
         scaled = {name: chain_action(blk, moved[group.generator_index(name)], act.perm, pre.scale)
