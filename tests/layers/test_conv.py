@@ -314,3 +314,48 @@ def test_align_on_a_cnn_returns_channel_actions():
     al = layerwise.align(model, planted.generators, x)
     assert len(al) == 2 and all(a.latent["hflip"].size == 16 for a in al)
     assert all(0.99 <= a.quality <= 1.0 + 1e-12 for a in al)
+
+
+def _cnn(act=nn.Tanh, pool=None, c_in=3, bias=True, seed=2):
+    torch.manual_seed(seed)
+    mods = [nn.Conv2d(c_in, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), act()] + ([pool] if pool else [])
+    mods += [nn.Conv2d(8, 8, 3, padding=1, bias=bias), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+             nn.Linear(8, 12), act(), nn.Linear(12, 4)]
+    return nn.Sequential(*mods).double().eval()
+
+
+@pytest.mark.parametrize("act,pool", [(nn.Tanh, nn.MaxPool2d(2)), (nn.Sigmoid, nn.AvgPool2d(2)), (nn.ReLU, None)])
+def test_symmetrized_cnns_with_a_dense_hidden_head_are_certified(act, pool):
+    # review finding: duplicated units of the dense head (a tanh pair averaged into opposite rows) must be reduced
+    gens = {"rot90": ("rot90", None), "hflip": ("hflip", None)}
+    x = torch.randn(50, 3, 10, 10, dtype=torch.float64)
+    for seed in (2, 5):
+        sym = layerwise.symmetrize(_cnn(act, pool, seed=seed), gens, x)
+        assert layerwise.equivariance_error(sym, gens, x) < 1e-12
+        assert layerwise.extract(sym, gens, input_shape=(3, 10, 10)).equivariant
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(3), nn.MaxPool2d(3), nn.AvgPool2d(2, stride=1),
+                                  nn.MaxPool2d(2, padding=1), nn.AdaptiveAvgPool2d(2)])
+def test_symmetrize_refuses_pooling_it_cannot_carry(pool):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), pool, nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(LayerwiseError, match="Pool"):
+        layerwise.symmetrize(model, {"f": ("hflip", None)})
+
+
+def test_review_fixes_for_cnn_inputs():
+    gens = {"rot90": ("rot90", None)}
+    model = _cnn(nn.ReLU, c_in=1, bias=False)
+    flat = nn.Sequential(*list(model)[:5], nn.Flatten(), nn.Linear(8 * 64, 4).double())
+    assert layerwise.extract(layerwise.symmetrize(flat, gens), gens, input_shape=(1, 8, 8)).equivariant  # ReLU+Flatten
+    rows = layerwise.layerwise_metrics(model, gens, torch.randn(20, 1, 8, 8, dtype=torch.float64))  # bias=False
+    assert len(rows) == 3
+    for bad, match in [(torch.full((5, 1, 8, 8), float("nan")), "finite"), (torch.zeros(0, 1, 8, 8), "non-empty"),
+                       (torch.randn(5, 1, 8, 6), "square")]:
+        with pytest.raises(LayerwiseError, match=match):
+            layerwise.symmetrize(model, gens, bad)
+    import numpy as np
+
+    res = layerwise.extract(model, gens, input_shape=(np.int64(1), 8, 8))  # numpy integers are fine
+    assert isinstance(res.equivariant, bool)

@@ -31,7 +31,7 @@ from ._align import activation_similarity, best_assignment, consistent_actions, 
 from ._extract import extend_to_group, transformed_rows
 from ._metrics import METRIC_KINDS, LayerMetric, _affine_fit, _fit_factors
 from ._symmetrize import chain_action
-from ._symmetrize_cnn import _moved_filters, _stages, _word, units_of
+from ._symmetrize_cnn import _moved_filters, _stages, _word, check_images, units_of
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[1] != first.in_channels:
         raise LayerwiseError(f"inputs: a CNN takes (N, {first.in_channels}, H, W) images, got "
                              f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
-    if inputs.shape[0] < 4 or not torch.isfinite(inputs).all():
-        raise LayerwiseError(f"inputs: need at least 4 finite samples, got shape {tuple(inputs.shape)}")
+    if inputs.shape[0] < 4:
+        raise LayerwiseError(f"inputs: need at least 4 samples, got shape {tuple(inputs.shape)}")
     spatial, resolved = {}, {}
     for name, a_in, a_out in generator_pairs(generators):
         if not (isinstance(a_in, str) and a_in in SPATIAL):
@@ -66,10 +66,12 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
         resolved[name] = (spatial_permutation(a_in, (1, 8, 8)), a_out)
     group = FiniteGroup.from_generators(resolved, 64, mods[stages[-1].index].out_features, max_order=max_group_order)
     words = [tuple(spatial[s] for s in w) for w in group.words]
-    x = inputs.double()
+    x = check_images(inputs, first.in_channels, "rot90" in spatial.values(), "inputs")
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     fit, ev = order[: x.shape[0] // 2], order[x.shape[0] // 2:]
-    params = {s.index: (mods[s.index].weight.detach().double(), mods[s.index].bias.detach().double())
+    params = {s.index: (mods[s.index].weight.detach().double(),
+                        mods[s.index].bias.detach().double() if mods[s.index].bias is not None
+                        else torch.zeros(mods[s.index].weight.shape[0], dtype=torch.float64))
               for s in stages if s.kind in ("conv", "dense")}
 
     def hidden(z: torch.Tensor) -> list[torch.Tensor]:
@@ -92,7 +94,11 @@ def cnn_metrics(model: nn.Module, generators: dict, inputs: torch.Tensor, *, see
         return outs
 
     with _eval_mode(model), torch.no_grad():
-        acts = [hidden(_word(words[h], x)) for h in range(group.order)]
+        try:
+            acts = [hidden(_word(words[h], x)) for h in range(group.order)]
+        except RuntimeError as exc:
+            raise LayerwiseError(f"inputs: the model cannot run on images of shape {tuple(x.shape[1:])} "
+                                 f"({str(exc).splitlines()[0]})") from None
         layers = [s for s in stages if s.act is not None]
         rows: list[LayerMetric] = []
         prev_w = {n: LatentAction.identity(first.in_channels) for n in group.names}

@@ -1,4 +1,5 @@
-"""Reduction of CNNs to their identifiable submodel, channel by channel (THEORY section 4 for convolutions).
+"""Reduction of CNNs to their identifiable submodel, channel by channel (THEORY section 4 for convolutions), and
+unit by unit in the dense head.
 
 For a convolution followed (through pooling) by another convolution or, after global pooling, by a dense layer:
 (a) a channel whose outgoing weights (the next layer's slice for that input channel) are all zero is removed;
@@ -30,17 +31,20 @@ def _slices_ok(model: nn.Sequential, i: int, j: int) -> bool:
     if any(isinstance(m, nn.Flatten) for m in between) and not any(isinstance(m, nn.AdaptiveAvgPool2d)
                                                                     for m in between):
         return False
-    nxt = model[j]
+    nxt, cur = model[j], model[i]
     n_in = nxt.in_channels if isinstance(nxt, nn.Conv2d) else nxt.in_features
-    return n_in == model[i].out_channels
+    return n_in == (cur.out_channels if isinstance(cur, nn.Conv2d) else cur.out_features)
 
 
 def _keep(model: nn.Sequential, i: int, j: int, keep: torch.Tensor) -> None:
     idx = torch.nonzero(keep).flatten()
     cur, nxt = model[i], model[j]
     with torch.no_grad():
-        new = nn.Conv2d(cur.in_channels, len(idx), cur.kernel_size, padding=cur.padding, bias=True,
-                        dtype=cur.weight.dtype)
+        if isinstance(cur, nn.Conv2d):
+            new = nn.Conv2d(cur.in_channels, len(idx), cur.kernel_size, padding=cur.padding, bias=True,
+                            dtype=cur.weight.dtype)
+        else:
+            new = nn.Linear(cur.in_features, len(idx), bias=True, dtype=cur.weight.dtype)
         new.weight.copy_(cur.weight[idx])
         new.bias.copy_(cur.bias[idx] if cur.bias is not None else torch.zeros(len(idx), dtype=cur.weight.dtype))
         model[i] = new
@@ -72,12 +76,12 @@ def reduce_cnn(folded: nn.Sequential, families: list, tol: float) -> tuple[nn.Se
         changed = False
         for k, fam in enumerate(families):
             i, j = aff[k], aff[k + 1]
-            if not isinstance(model[i], nn.Conv2d) or not _slices_ok(model, i, j):
+            if not _slices_ok(model, i, j):
                 continue
             cur, nxt = model[i], model[j]
             w = cur.weight.detach().double()
             b = cur.bias.detach().double() if cur.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-            out = nxt.weight.detach().double().transpose(0, 1).reshape(w.shape[0], -1)  # outgoing slice per channel
+            out = nxt.weight.detach().double().transpose(0, 1).reshape(w.shape[0], -1)  # outgoing slice per unit
             norms = out.norm(dim=1)
             keep = norms > tol * norms.max().clamp_min(1e-300)
             rep = reports[k]

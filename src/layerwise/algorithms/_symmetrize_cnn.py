@@ -69,6 +69,11 @@ def _stages(model: nn.Sequential) -> list[_Stage]:
             if not any(s.kind in ("gap", "flatten") for s in stages):
                 raise LayerwiseError(f"{where}: a Linear layer needs AdaptiveAvgPool2d(1) or Flatten before it")
             stages.append(_Stage("dense", i))
+        elif isinstance(mod, (nn.AvgPool2d, nn.MaxPool2d)) and not _is_pool2(mod):
+            raise LayerwiseError(f"{where}: only {type(mod).__name__}(2) (window 2, stride 2, no padding) is "
+                                 f"supported, got {mod}")
+        elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size not in (1, (1, 1)):
+            raise LayerwiseError(f"{where}: only AdaptiveAvgPool2d(1) is supported, got output size {mod.output_size}")
         elif isinstance(mod, nn.AvgPool2d):
             stages.append(_Stage("pool", i))
         elif isinstance(mod, nn.MaxPool2d):
@@ -85,7 +90,30 @@ def _stages(model: nn.Sequential) -> list[_Stage]:
             stages[-1].act, stages[-1].family = i, fam
     if not stages or stages[-1].kind != "dense" or stages[-1].act is not None:
         raise LayerwiseError("model: symmetrize for CNNs needs a final Linear layer without activation")
+    for s in stages[:-1]:
+        if s.kind in ("conv", "dense") and s.act is None:
+            raise LayerwiseError(f"model[{s.index}]: every hidden Conv2d or Linear needs an activation after it")
     return stages
+
+
+def _is_pool2(mod: nn.Module) -> bool:
+    ok = mod.kernel_size in (2, (2, 2)) and mod.stride in (2, (2, 2)) and mod.padding in (0, (0, 0))
+    if isinstance(mod, nn.MaxPool2d):
+        ok = ok and mod.dilation in (1, (1, 1)) and not mod.ceil_mode
+    return ok and not getattr(mod, "ceil_mode", False)
+
+
+def check_images(data, channels: int, square: bool, where: str) -> torch.Tensor:
+    """``data`` as float64 ``(N, channels, H, W)`` images, or a LayerwiseError naming ``where``."""
+    if not isinstance(data, torch.Tensor) or data.ndim != 4 or data.shape[1] != channels:
+        raise LayerwiseError(f"{where}: expected (N, {channels}, H, W) images, got "
+                             f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
+    if data.shape[0] < 1 or not data.is_floating_point() or not torch.isfinite(data).all():
+        raise LayerwiseError(f"{where}: expected a non-empty batch of finite floating-point images, got shape "
+                             f"{tuple(data.shape)} and dtype {data.dtype}")
+    if square and data.shape[2] != data.shape[3]:
+        raise LayerwiseError(f"{where}: rot90 needs square images, got {data.shape[2]}x{data.shape[3]}")
+    return data.to(torch.float64)
 
 
 def _word_inverse(word: tuple[str, ...], a: torch.Tensor) -> torch.Tensor:
@@ -148,10 +176,7 @@ def symmetrize_cnn(
     group = FiniteGroup.from_generators(resolved, first.in_channels * 64, out_features, max_order=max_group_order)
     words = [tuple(spatial_names[s] for s in w) for w in group.words]
     if data is not None:
-        if not isinstance(data, torch.Tensor) or data.ndim != 4 or data.shape[1] != first.in_channels:
-            raise LayerwiseError(f"data: expected (N, {first.in_channels}, H, W) images, got "
-                                 f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
-        data = data.to(torch.float64)
+        data = check_images(data, first.in_channels, "rot90" in spatial_names.values(), "data")
     # float64 working copies: [weight, bias] per affine stage
     params = {s.index: [mods[s.index].weight.detach().double().clone(), mods[s.index].bias.detach().double().clone()
                         if mods[s.index].bias is not None else torch.zeros(mods[s.index].weight.shape[0],
@@ -166,6 +191,8 @@ def symmetrize_cnn(
                 params[s.index] = [w / norm.view(-1, *([1] * (w.ndim - 1))), b / norm]
                 mult = (1 / norm) ** s.family.power
                 nw = params[nxt.index][0]
+                if nw.shape[1] != mult.numel():  # a dense layer after Flatten: H W columns per channel
+                    mult = mult.repeat_interleave(nw.shape[1] // mult.numel())
                 params[nxt.index][0] = nw / mult.view(1, -1, *([1] * (nw.ndim - 2)))
 
     def forward_hidden(x: torch.Tensor) -> list[torch.Tensor]:
@@ -190,7 +217,11 @@ def symmetrize_cnn(
     acts = None
     if data is not None:
         with torch.no_grad():
-            acts = [forward_hidden(_word(words[h], data)) for h in range(group.order)]
+            try:
+                acts = [forward_hidden(_word(words[h], data)) for h in range(group.order)]
+            except RuntimeError as exc:
+                raise LayerwiseError(f"data: the model cannot run on images of shape {tuple(data.shape[1:])} "
+                                     f"({str(exc).splitlines()[0]})") from None
     alignments: list[LayerAlignment] = []
     prev = [LatentAction.identity(first.in_channels) for _ in range(group.order)]
     hidden_i = 0

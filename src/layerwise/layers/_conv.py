@@ -14,6 +14,7 @@ images (digits, CIFAR-sized maps with few channels).
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -171,8 +172,9 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
 def parse_cnn(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[DenseNet, CNNLayout, nn.Sequential]:
     """The dense view of a small CNN, its layout, and the BatchNorm-folded model."""
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
-            and all(isinstance(v, int) and v > 0 for v in input_shape)):
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in input_shape)):
         raise LayerwiseError(f"input_shape: a CNN needs (C, H, W) of positive ints, got {input_shape!r}")
+    input_shape = tuple(int(v) for v in input_shape)
     folded = fold_batchnorm(model)
     shape: tuple[int, ...] = tuple(input_shape)
     layout = CNNLayout(input_shape=shape)
