@@ -72,6 +72,23 @@ def _find(parent: list[int], x: int) -> int:
     return x
 
 
+def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: float):
+    """Units among ``keep`` whose rows equal another's up to an allowed factor: components of the "equal rows"
+    graph, each merged into its first unit. Returns ``(dups, roots, s)`` with ``rows[dups] = s * rows[roots]``
+    (tensors, empty when there are none)."""
+    live = torch.nonzero(keep).flatten()
+    parent = list(range(rows.shape[0]))
+    for j, k, _ in _near_pairs(rows[live], scales, tol):
+        ra, rb = _find(parent, int(live[j])), _find(parent, int(live[k]))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    dups = [j for j in live.tolist() if _find(parent, j) != j]
+    dup_t = torch.tensor(dups, dtype=torch.long)
+    root_t = torch.tensor([_find(parent, j) for j in dups], dtype=torch.long)
+    s = best_scale(rows[root_t], rows[dup_t], scales) if dups else rows.new_zeros(0)
+    return dup_t, root_t, s
+
+
 def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> bool:
     """One pass over hidden layer ``i``; returns whether anything changed."""
     blk, nxt = net.blocks[i], net.blocks[i + 1]
@@ -98,18 +115,10 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> boo
         for j in idx.tolist():
             rep.constant.append(rep.kept[j])
             keep[j] = False
-    # (c) duplicates up to an allowed factor: components of the "equal rows" graph, merged into their first unit
-    live = torch.nonzero(keep).flatten()
-    parent = list(range(n))
-    for j, k, _ in _near_pairs(aug[live], fam.scales, tol):
-        ra, rb = _find(parent, int(live[j])), _find(parent, int(live[k]))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    dup = [j for j in live.tolist() if _find(parent, j) != j]
+    # (c) duplicates up to an allowed factor, merged into the first unit of their component
+    dup_t, root_t, s = duplicate_units(aug, keep, fam.scales, tol)
+    dup = dup_t.tolist()
     if dup:
-        dup_t = torch.tensor(dup)
-        root_t = torch.tensor([_find(parent, j) for j in dup])
-        s = best_scale(aug[root_t], aug[dup_t], fam.scales)  # rows[dup] = s * rows[root]
         mult, off = fam.latent(s)
         nxt.weight.index_add_(1, root_t, nxt.weight[:, dup_t] * mult)
         if torch.any(off != 0):

@@ -17,8 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from ._match import best_scale
-from ._reduce import LayerReduction, _find, _near_pairs
+from ._reduce import LayerReduction, duplicate_units
 
 
 def _affine_indices(model: nn.Sequential) -> list[int]:
@@ -88,17 +87,10 @@ def reduce_cnn(folded: nn.Sequential, families: list, tol: float) -> tuple[nn.Se
             for c in torch.nonzero(~keep).flatten().tolist():
                 rep.dead.append(rep.kept[c])
             rows = torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
-            live = torch.nonzero(keep).flatten()
-            if not fam.affine_flip and len(live) > 1:
-                parent = list(range(w.shape[0]))
-                for a_, b_, _ in _near_pairs(rows[live], fam.scales, tol):
-                    ra, rb = _find(parent, int(live[a_])), _find(parent, int(live[b_]))
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)
-                dups = [c for c in live.tolist() if _find(parent, c) != c]
+            if not fam.affine_flip and int(keep.sum()) > 1:
+                dup_t, root, s = duplicate_units(rows, keep, fam.scales, tol)
+                dups = dup_t.tolist()
                 if dups:
-                    root = torch.tensor([_find(parent, c) for c in dups])
-                    s = best_scale(rows[root], rows[torch.tensor(dups)], fam.scales)
                     mult, _ = fam.latent(s)
                     with torch.no_grad():
                         wn = nxt.weight
