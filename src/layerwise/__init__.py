@@ -26,14 +26,15 @@ from .algorithms import (
     naive_average,
     symmetrize,
 )
-from .group import FiniteGroup
-from .hidden import LatentAction
+from .group import FiniteGroup, TokenAction
+from .hidden import HeadAction, LatentAction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TOL", "ExtractionResult", "FiniteGroup", "LatentAction", "LayerAlignment", "LayerMetric", "LayerwiseError",
+    "DEFAULT_TOL", "ExtractionResult", "FiniteGroup", "HeadAction", "LatentAction", "LayerAlignment", "LayerMetric",
+    "LayerwiseError",
     "align", "assert_layerwise_equivariant", "character", "equivariance_error", "extract", "hidden_outputs",
     "homomorphism_residual", "layer_equivariance_errors", "layerwise_metrics", "naive_average", "nn",
-    "symmetrize",
+    "symmetrize", "TokenAction",
 ]

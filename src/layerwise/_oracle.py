@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._errors import LayerwiseError
-from .group import FiniteGroup, action_matrix, generator_pairs
+from .group import FiniteGroup, TokenAction, action_matrix, generator_pairs
 from .group._actions import _to_numpy
 from .hidden import LatentAction
 
@@ -20,6 +20,8 @@ def _feature_action(action, x: torch.Tensor, where: str) -> torch.Tensor:
     """Apply an action to a batch: on the last axis, or on the flattened features when sizes say so."""
     if action is None:
         return x
+    if isinstance(action, TokenAction):
+        return action.apply(x)
     if isinstance(action, str):
         from .layers._conv import SPATIAL
 

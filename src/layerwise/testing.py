@@ -19,10 +19,17 @@ import torch
 from torch import nn
 
 from ._errors import LayerwiseError
+from ._planted_tokens import PlantedAttention, patch_generators, planted_attention
 from .algorithms import extend_to_group
 from .group import FiniteGroup
 from .hidden import ActivationFamily, LatentAction, family_of
 from .nn import Power
+
+__all__ = [
+    "ACTIVATIONS", "Planted", "PlantedAttention", "flip_permutation", "hflip_permutation", "image_generators",
+    "patch_generators", "perturb", "planted_attention", "planted_cnn", "planted_mlp", "rot90_permutation",
+    "vflip_permutation",
+]
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
@@ -445,3 +452,4 @@ def planted_cnn(
         lin.bias.copy_(head[:, -1])
     mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin]
     return nn.Sequential(*mods), Planted(generators, grp, latent, comp, [(0, 0, 0)] * len(channels))
+

@@ -102,8 +102,7 @@ def extend_to_group(group: FiniteGroup, gens: dict[str, LatentAction]) -> tuple[
     """Latent action of every group element from the generators' (along BFS words), and the worst relation
     residual over the Cayley table (``k(s) k(h) = k(s.h)``; ``inf`` when a permutation part disagrees)."""
     acts: list[LatentAction | None] = [None] * group.order
-    any_act = next(iter(gens.values()))
-    acts[0] = LatentAction.identity(any_act.size, any_act.dtype, any_act.perm.device)
+    acts[0] = next(iter(gens.values())).identity_like()
     for h in range(group.order):  # BFS order: every element's parent comes first
         for s, name in enumerate(group.names):
             t = int(group.table[h, s])
@@ -194,6 +193,8 @@ class ExtractionResult:
         reduction: per hidden layer of the input model, what the reduction removed or merged.
         families: per hidden layer, the activation family name.
         identifiable: per hidden layer, whether the family's identifiability is established.
+        notes: what keeps the model from being identifiable where it was not reduced away (token models:
+            rank-deficient value maps, heads with equal score forms).
     """
 
     equivariant: bool
@@ -211,6 +212,7 @@ class ExtractionResult:
     reduction: list[LayerReduction] = field(default_factory=list, repr=False)
     families: list[str] = field(default_factory=list)
     identifiable: list[bool] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """A readable report: certificate, reduction and latent actions per layer."""
@@ -229,6 +231,7 @@ class ExtractionResult:
                 lines.append(
                     f"    {name}: {act.summary()}  (residual {self.layer_residuals[i][name]:.2g})"
                 )
+        lines.extend(f"  note: {note}" for note in self.notes)
         out = ", ".join(f"{k} {v:.2g}" for k, v in self.output_residual.items())
         lines.append(f"  output layer check: {out}; group relations: {self.homomorphism_residual:.2g}")
         return "\n".join(lines)
@@ -278,6 +281,10 @@ def extract(
             ``.offset``, spatial transform ``.spatial``); see :mod:`layerwise.algorithms._extract_cnn`.
         device: where to compute (default: where the model's weights are).
 
+    Token models (inputs ``(N, T, d)``, with :class:`layerwise.nn.SelfAttention` and optionally
+    :class:`layerwise.nn.PositionalEncoding`) take :class:`layerwise.TokenAction` generators and give a
+    :class:`~layerwise.hidden.HeadAction` per attention layer; see :mod:`layerwise.algorithms._extract_attention`.
+
     Returns:
         :class:`ExtractionResult`. A network that is not equivariant gives ``equivariant=False`` and says where
         the sweep first fails; it does not raise.
@@ -290,8 +297,13 @@ def extract(
         >>> res.equivariant
         True
     """
+    from ..layers._attention import is_token_model
     from ..layers._conv import is_cnn
 
+    if is_token_model(model):
+        from ._extract_attention import extract_tokens
+
+        return extract_tokens(model, generators, tol=tol, max_group_order=max_group_order, canonical=canonical)
     if is_cnn(model):
         from ._extract_cnn import extract_cnn
 

@@ -33,6 +33,9 @@ class LatentAction:
     def identity(cls, n: int, dtype: torch.dtype = torch.float64, device=None) -> LatentAction:
         return cls(torch.arange(n, device=device), torch.ones(n, dtype=torch.float64, device=device), dtype=dtype)
 
+    def identity_like(self) -> LatentAction:
+        return LatentAction.identity(self.size, self.dtype, self.perm.device)
+
     @property
     def size(self) -> int:
         return int(self.perm.numel())
