@@ -16,6 +16,7 @@ from torch import nn
 
 from .._errors import LayerwiseError
 from ..hidden import ActivationFamily, family_of
+from ..nn import PositionalEncoding, SelfAttention
 
 #: Modules that do nothing to a batch of feature vectors in eval mode.
 PASSTHROUGH = (nn.Identity, nn.Flatten, nn.Dropout, nn.AlphaDropout)
@@ -151,6 +152,16 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
         raise LayerwiseError(f"{conv[0]}: CNNs are supported by extract (with input_shape=...), symmetrize, "
                              "naive_average, align and layerwise_metrics; this function takes dense nn.Sequential "
                              "models only so far")
+    tokens = [w for w, m in named if isinstance(m, (SelfAttention, PositionalEncoding, nn.MultiheadAttention))]
+    if tokens:
+        raise LayerwiseError(
+            f"{tokens[0]}: attention models are supported by extract and equivariance_error only. symmetrize, "
+            "naive_average, align and layerwise_metrics do not apply: the group average of a head's score form "
+            "Q_h K_h^T has rank up to |G| d_head, which no head of the same size holds, and averaging Q_h and K_h "
+            "separately would need their GL(d_head) alignment, which no function determines. For a trained "
+            "attention model, extract's per-head residuals (HeadAction.score_residual, .value_residual) measure "
+            "how far each head is from the head-permutation action"
+        )
     blocks: list[DenseBlock] = []
     dtype: torch.dtype | None = None
     last_kind = None  # "linear" | "act"
