@@ -124,6 +124,10 @@ def planted_attention(
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
+    def invertible(n):  # random, condition number about e^2 at most: float32 stays accurate
+        q1, q2 = torch.linalg.qr(randn(n, n))[0], torch.linalg.qr(randn(n, n))[0]
+        return q1 @ torch.diag(torch.exp(0.5 * torch.rand(n, generator=gen, dtype=torch.float64) * 4 - 1)) @ q2
+
     gens = patch_generators(group, grid, channels, out)
     d = 4 * channels
     t = grid * grid
@@ -231,11 +235,11 @@ def planted_attention(
         o = o[:, idx]
         for h in range(num_heads):
             sl = slice(h * dh, (h + 1) * dh)
-            a = torch.eye(dh, dtype=torch.float64) + 0.5 * randn(dh, dh)
+            a = invertible(dh)
             wq[sl], bq[sl] = a @ wq[sl], a @ bq[sl]
             a_t = torch.linalg.inv(a).T
             wk[sl], bk[sl] = a_t @ wk[sl], a_t @ bk[sl] + randn(dh)  # a key bias only adds query-only terms
-            cv = torch.eye(dh, dtype=torch.float64) + 0.5 * randn(dh, dh)
+            cv = invertible(dh)
             wv[sl], bv[sl] = cv @ wv[sl], cv @ bv[sl]
             o[:, sl] = o[:, sl] @ torch.linalg.inv(cv)
             shift = randn(dh)  # a constant value passes to the output: move it into the output bias
