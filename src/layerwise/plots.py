@@ -151,3 +151,48 @@ def plot_emergence(history: list[dict], path: Path, *, title: str, switch_epoch:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_attention_heads(image: torch.Tensor, maps: torch.Tensor, maps_mirror: torch.Tensor, action,
+                         map_residual: list[float], path: Path, *, title: str) -> Path:
+    """Per head (rows): the attention map on an image, on its mirror image, and the prediction of the head action
+    (head ``perm[h]`` on the image, with tokens mirrored). The first column shows the image and its mirror.
+
+    ``maps``, ``maps_mirror``: ``(h, T, T)``; ``action``: the :class:`~layerwise.hidden.HeadAction` of the flip.
+    """
+    h = maps.shape[0]
+    p = action.tokens
+    predicted = maps[action.perm][:, p][:, :, p]
+    fig, axes = plt.subplots(h, 4, figsize=(8.4, 2.05 * h + 0.4), squeeze=False)
+    img = image.detach().double().cpu().numpy()
+    panels = [(0, img, "digit"), (1, img[:, ::-1], "mirror image")]
+    for ax in axes[:, 0]:
+        ax.axis("off")
+    for row, arr, label in panels:
+        if row < h:
+            axes[row, 0].imshow(arr, cmap="gray_r")
+            axes[row, 0].set_title(label, fontsize=8)
+            axes[row, 0].axis("on")
+            axes[row, 0].set_xticks([])
+            axes[row, 0].set_yticks([])
+    vmax = float(torch.cat([maps, maps_mirror]).max())
+    for j in range(h):
+        src = int(action.perm[j])
+        kind = "assigned: fixed" if src == j else f"assigned: swap with {src}"
+        cols = [(maps[j], f"head {j} on digit"), (maps_mirror[j], f"head {j} on mirror"),
+                (predicted[j], f"head {src} on digit, mirrored")]
+        for c, (m, label) in enumerate(cols, start=1):
+            ax = axes[j, c]
+            ax.imshow(m.detach().double().cpu().numpy(), cmap="viridis", vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(label, fontsize=8)
+        axes[j, 3].set_ylabel(f"map residual\n{map_residual[j]:.2f}", fontsize=8, rotation=0, labelpad=32,
+                              va="center")
+        axes[j, 3].yaxis.set_label_position("right")
+        axes[j, 1].set_ylabel(f"head {j}\n{kind}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -279,6 +279,12 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
             history, out / "emergence.png", switch_epoch=settings.epochs // 2,
             title="Emergence during training (tanh classifier, soft loss from the middle of training)"))
 
+    # 5. attention: planted heads recovered exactly, and a trained one-layer attention autoencoder
+    from .attention import run_attention
+
+    attention_report = run_attention(out, data, quick=quick, seed=seed, log=log)
+    figures["attention_heads"] = attention_report["figure"]
+
     torch.save(original_main.state_dict(), out / "classifier_augment.pt")
     torch.save(symmetrized_main.state_dict(), out / "classifier_symmetrized.pt")
     aug = merge_report["augment"]
@@ -290,6 +296,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
         "naive_average": aug["naive_average"],
         "merge": merge_report,
         "cnn": cnn_report,
+        "attention": attention_report,
         "layer_metrics": metric_rows,
         "emergence": history,
         "certificate": {"equivariant": cert_main.equivariant, "residual": cert_main.residual,
