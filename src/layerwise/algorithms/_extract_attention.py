@@ -217,7 +217,8 @@ def _flat_modules(model: nn.Sequential) -> list[nn.Module]:
 
 def _describe(blk) -> str:
     if isinstance(blk, AttentionBlock):
-        return f"attention ({blk.num_heads} heads x {blk.head_dim})"
+        return (f"attention ({blk.num_heads} heads x {blk.head_dim}; queries and keys identified up to their internal "
+                f"GL({blk.q.shape[1]}) per head)")
     return blk.family.name
 
 
