@@ -20,7 +20,7 @@ from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseBlock, DenseNet, parse_dense
-from ._match import match_rows, verify_rows
+from ._match import _chunks, match_rows, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
 #: Certificate tolerance on the worst relative residual, by the model's dtype.
@@ -35,7 +35,14 @@ def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> to
     w = aug[:, :-1]
     out = torch.empty_like(aug)
     if isinstance(prev, LatentAction):
-        out[:, prev.perm] = w * prev.scale.to(w.dtype)  # (W K)[:, perm[j]] = W[:, j] * scale[j]
+        # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: a column gather, done by chunks of rows that stay in cache
+        inv = torch.argsort(prev.perm)
+        col_scale = prev.scale.to(w.dtype)[inv]
+        unit = bool(torch.all(col_scale == 1))
+        for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
+            torch.index_select(w[sl], 1, inv, out=out[sl, :-1])
+            if not unit:
+                out[sl, :-1] *= col_scale
         out[:, -1] = aug[:, -1]
         if torch.any(prev.offset64 != 0):
             out[:, -1] += w @ prev.offset64.to(w.dtype)

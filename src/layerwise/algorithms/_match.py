@@ -19,6 +19,15 @@ from ..hidden import SCALE_GROUPS
 
 _N_PROJ = 8
 _WINDOW = 4
+#: Rows per chunk of the full-row arithmetic: a chunk's temporaries stay in cache (wide layers are memory-bound;
+#: at width 4096 the chunked residual is 3x faster than whole-matrix temporaries).
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(n: int, d: int, itemsize: int):
+    step = max(1, _CHUNK_BYTES // max(1, d * itemsize))
+    for i in range(0, n, step):
+        yield slice(i, min(n, i + step))
 
 
 def _directions(d: int, k: int, like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -61,6 +70,20 @@ def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Ten
     err = torch.linalg.vector_norm(torch.addcmul(b, a, s[:, None], value=-1.0), dim=1)
     den = torch.maximum(torch.linalg.vector_norm(b, dim=1), s.abs() * torch.linalg.vector_norm(a, dim=1))
     return err / den.clamp_min(1e-300)
+
+
+def scaled_residual(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, scales: str) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Best allowed ``s`` and :func:`row_residual` of ``B[j]`` against ``s_j A[perm[j]]``, chunk by chunk (the
+    gathered rows and the difference never exist at full size)."""
+    n = B.shape[0]
+    s = torch.empty(n, dtype=B.dtype, device=B.device)
+    res = torch.empty(n, dtype=B.dtype, device=B.device)
+    for sl in _chunks(n, B.shape[1], B.element_size()):
+        a = A.index_select(0, perm[sl])
+        s[sl] = best_scale(a, B[sl], scales)
+        res[sl] = row_residual(a, B[sl], s[sl])
+    return s, res
 
 
 def _cost(a: torch.Tensor, b: torch.Tensor, scales: str) -> np.ndarray:
@@ -121,8 +144,7 @@ def match_rows(
     cand = order[(pos[:, None] + offsets[None, :]).clamp(0, n - 1)]  # (n, 2w)
     dist = (kb[:, None, :] - ka[cand]).norm(dim=2)
     choice = cand[torch.arange(n, device=device), dist.argmin(1)]
-    s = best_scale(A[choice], B, scales)
-    res = row_residual(A[choice], B, s)
+    s, res = scaled_residual(A, B, choice, scales)
 
     ok = res <= tol
     # A row of A may be chosen twice; keep the best claim, send the others to the fallback.
@@ -150,9 +172,7 @@ def match_rows(
             rb = rows_b[torch.argsort(kb[rows_b, 0])]
             ra = rows_a[torch.argsort(ka[rows_a, 0])]
             perm[rb] = ra
-        s_fb = best_scale(A[perm[rows_b]], B[rows_b], scales)
-        s[rows_b] = s_fb
-        res[rows_b] = row_residual(A[perm[rows_b]], B[rows_b], s_fb)
+        s[rows_b], res[rows_b] = scaled_residual(A, B[rows_b], perm[rows_b], scales)
     return RowMatch(perm, s, res, n_fb)
 
 
@@ -161,6 +181,5 @@ def verify_rows(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, scales: st
     if A.shape[0] == 0:
         empty = torch.zeros(0, dtype=A.dtype, device=A.device)
         return RowMatch(perm, empty, empty, 0)
-    a = A[perm]
-    s = best_scale(a, B, scales)
-    return RowMatch(perm, s, row_residual(a, B, s), 0)
+    s, res = scaled_residual(A, B, perm, scales)
+    return RowMatch(perm, s, res, 0)

@@ -42,14 +42,18 @@ class LayerReduction:
         return ", ".join(parts)
 
 
-def _near_pairs(rows: torch.Tensor, scales: str, tol: float) -> list[tuple[int, int, float]]:
-    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys."""
-    n, d = rows.shape
+def _near_pairs(rows: torch.Tensor, scales: str, tol: float,
+                live: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
+    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys; only rows
+    in ``live`` (indices, default all) take part. The rows are never copied: keys are one matmul, and only pairs
+    whose keys nearly agree get the full O(d) check."""
+    keys = row_keys(rows, scales, seed=1)
+    if live is not None:
+        keys = keys[live]
+    n = keys.shape[0]
     if n < 2:
         return []
-    keys = row_keys(rows, scales, seed=1)
     order = torch.argsort(keys[:, 0])
-    # Equal canonical rows have equal keys; only pairs whose keys nearly agree get the full O(d) check.
     key_scale = keys.norm(dim=1)
     cand_j, cand_k = [], []
     for off in range(1, min(2 * _WINDOW, n - 1) + 1):
@@ -60,6 +64,8 @@ def _near_pairs(rows: torch.Tensor, scales: str, tol: float) -> list[tuple[int, 
     j, k = torch.cat(cand_j), torch.cat(cand_k)
     if not j.numel():
         return []
+    if live is not None:
+        j, k = live[j], live[k]
     s = best_scale(rows[k], rows[j], scales)
     ok = row_residual(rows[k], rows[j], s) <= tol
     return list(zip(j[ok].tolist(), k[ok].tolist(), s[ok].tolist()))
@@ -78,8 +84,8 @@ def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: fl
     (tensors, empty when there are none)."""
     live = torch.nonzero(keep).flatten()
     parent = list(range(rows.shape[0]))
-    for j, k, _ in _near_pairs(rows[live], scales, tol):
-        ra, rb = _find(parent, int(live[j])), _find(parent, int(live[k]))
+    for j, k, _ in _near_pairs(rows, scales, tol, live=None if bool(keep.all()) else live):
+        ra, rb = _find(parent, j), _find(parent, k)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     dups = [j for j in live.tolist() if _find(parent, j) != j]
@@ -89,50 +95,53 @@ def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: fl
     return dup_t, root_t, s
 
 
-def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, tol: float) -> bool:
-    """One pass over hidden layer ``i``; returns whether anything changed."""
+def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: torch.Tensor, tol: float,
+                  full: bool = True) -> bool:
+    """One pass over hidden layer ``i``; returns whether anything changed. Removed units are zeroed and marked in
+    ``alive`` (the arrays are compacted once, at the end: no copy of a wide matrix per pass). With ``full=False``
+    only dead units are looked for (what a change of the neighbouring layers' rows or of this layer's merges can
+    create)."""
     blk, nxt = net.blocks[i], net.blocks[i + 1]
     fam = blk.family
-    changed = False
-    n = blk.width
-    keep = torch.ones(n, dtype=torch.bool)
     aug = blk.aug
-    row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
     col_norm = nxt.weight.square().sum(0).sqrt()  # twice as fast as a strided vector_norm over dim 0
     # (a) dead: no outgoing weight
-    dead = col_norm <= tol * col_norm.max().clamp_min(1e-300)
-    # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
-    const = (blk.weight.norm(dim=1) <= tol * row_scale) & ~dead
-    for j in torch.nonzero(dead).flatten().tolist():
-        rep.dead.append(rep.kept[j])
-        keep[j] = False
+    dead = (col_norm <= tol * col_norm[alive].max().clamp_min(1e-300)) & alive
+    if full:
+        # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
+        row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
+        const = (blk.weight.norm(dim=1) <= tol * row_scale) & alive & ~dead
+    else:
+        const = torch.zeros_like(dead)
+    rep.dead.extend(torch.nonzero(dead).flatten().tolist())
     if const.any():
         idx = torch.nonzero(const).flatten()
         value = blk.activate(blk.bias[idx])
         nxt.aug[:, -1] += nxt.weight[:, idx] @ value
         if torch.any(value != 0):
             nxt.has_bias = True
-        for j in idx.tolist():
-            rep.constant.append(rep.kept[j])
-            keep[j] = False
+        rep.constant.extend(idx.tolist())
+    gone = dead | const
     # (c) duplicates up to an allowed factor, merged into the first unit of their component
-    dup_t, root_t, s = duplicate_units(aug, keep, fam.scales, tol)
-    dup = dup_t.tolist()
-    if dup:
+    if full:
+        dup_t, root_t, s = duplicate_units(aug, alive & ~gone, fam.scales, tol)
+    else:
+        dup_t = torch.zeros(0, dtype=torch.long)
+    if dup_t.numel():
         mult, off = fam.latent(s)
         nxt.weight.index_add_(1, root_t, nxt.weight[:, dup_t] * mult)
         if torch.any(off != 0):
             nxt.aug[:, -1] += nxt.weight[:, dup_t] @ off
             nxt.has_bias = True
-        rep.merged.extend((rep.kept[j], rep.kept[r]) for j, r in zip(dup, root_t.tolist()))
-        keep[dup_t] = False
-    if not bool(keep.all()):
-        changed = True
-        rows = torch.nonzero(keep).flatten()
-        blk.aug = blk.aug.index_select(0, rows)
-        nxt.aug = nxt.aug.index_select(1, torch.cat([rows, torch.tensor([n])]))
-        rep.kept = [u for u, k in zip(rep.kept, keep.tolist()) if k]
-    return changed
+        rep.merged.extend(zip(dup_t.tolist(), root_t.tolist()))
+        gone[dup_t] = True
+    if not bool(gone.any()):
+        return False
+    idx = torch.nonzero(gone).flatten()
+    alive[idx] = False
+    blk.aug[idx] = 0.0
+    nxt.weight[:, idx] = 0.0
+    return True
 
 
 def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float) -> list[tuple[int, int]]:
@@ -159,14 +168,29 @@ def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerR
     """
     net = net.copy()
     reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
-    # A change in layer i alters the rows of layer i + 1 and the outgoing columns of layer i - 1.
-    dirty = set(range(len(net.hidden)))
-    while dirty:
-        i = min(dirty)
-        dirty.discard(i)
-        if net.blocks[i].width and _reduce_layer(net, i, reports[i], tol):
-            dirty |= {j for j in (i - 1, i, i + 1) if 0 <= j < len(net.hidden)}
-    for blk, rep in zip(net.hidden, reports):
+    alive = [torch.ones(b.width, dtype=torch.bool, device=b.aug.device) for b in net.hidden]
+    # A change in layer i alters the rows of layer i + 1 (new constants or duplicates possible: a full pass) and the
+    # outgoing columns of layers i - 1 and i (merged or removed columns can leave a unit dead: a dead-unit pass).
+    full = set(range(len(net.hidden)))
+    dead_only: set[int] = set()
+    while full or dead_only:
+        i = min(full | dead_only)
+        is_full = i in full
+        full.discard(i)
+        dead_only.discard(i)
+        if bool(alive[i].any()) and _reduce_layer(net, i, reports[i], alive[i], tol, full=is_full):
+            if i + 1 < len(net.hidden):
+                full.add(i + 1)
+            dead_only |= {j for j in (i - 1, i) if j >= 0 and j not in full}
+    for i, (blk, rep) in enumerate(zip(net.hidden, reports)):
+        if not bool(alive[i].all()):
+            rows = torch.nonzero(alive[i]).flatten()
+            nxt = net.blocks[i + 1]
+            blk.aug = blk.aug.index_select(0, rows)
+            nxt.aug = nxt.aug.index_select(1, torch.cat([rows, torch.tensor([alive[i].numel()], device=rows.device)]))
+            rep.kept = rows.tolist()
+        for field_ in (rep.dead, rep.constant):
+            field_.sort()
         rep.width_after = blk.width
         if blk.family.bypass is not None:
             rep.bypass = bypass_pairs(blk.aug, blk.family.homogeneous, tol)

@@ -184,7 +184,9 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
             elif w.dtype != dtype:
                 raise LayerwiseError(f"{where}: dtype {w.dtype} differs from the first Linear's {dtype}")
             b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-            bad = int((~torch.isfinite(w)).sum()) + int((~torch.isfinite(b)).sum())
+            bad = 0
+            if not (torch.isfinite(w.sum()) and torch.isfinite(b.sum())):  # one reduction; count only if needed
+                bad = int((~torch.isfinite(w)).sum()) + int((~torch.isfinite(b)).sum())
             if bad:
                 raise LayerwiseError(f"{where}: {bad} NaN or infinite weights in nn.Linear({w.shape[1]}, {w.shape[0]})")
             if blocks and blocks[-1].weight.shape[0] != w.shape[1]:
