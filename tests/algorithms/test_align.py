@@ -84,3 +84,24 @@ def test_align_bad_data_raises():
     model, planted = planted_mlp("tanh", widths=(8,), seed=0)
     with pytest.raises(layerwise.LayerwiseError, match="inputs"):
         layerwise.align(model, planted.generators, torch.zeros(0, 16))
+
+
+def test_involution_matching_repairs_large_problems_locally(monkeypatch):
+    """Above EXACT_MATCHING_LIMIT units, consistent pairs of the assignment are kept and the rest re-matched: the
+    result is still an involution, and on a noisy planted involution it recovers (nearly) every pair."""
+    from layerwise.algorithms import _align
+
+    monkeypatch.setattr(_align, "EXACT_MATCHING_LIMIT", 16)
+    rng = np.random.default_rng(0)
+    n = 200
+    truth = rng.permutation(n).reshape(-1, 2)
+    target = np.arange(n)
+    target[truth[:, 0]], target[truth[:, 1]] = truth[:, 1], truth[:, 0]
+    sim = 0.35 * rng.uniform(-1, 1, (n, n))
+    sim[np.arange(n), target] += 1.0
+    perm, sign = involution_matching(sim, signed=False)
+    assert np.array_equal(perm[perm], np.arange(n))
+    assert (perm == target).mean() >= 0.99
+    uniform = rng.uniform(-1, 1, (n, n))  # no structure: many units inconsistent, and the recursion must end
+    perm, sign = involution_matching(uniform, signed=True)
+    assert np.array_equal(perm[perm], np.arange(n)) and np.array_equal(sign[perm], sign)

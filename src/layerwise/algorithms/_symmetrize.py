@@ -83,7 +83,11 @@ def align_network(
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
     for i, blk in enumerate(net.hidden):
         moved = [transformed_rows(blk.aug, p) for p in prev]
-        sims = np.stack([weight_similarity(blk.aug, b) for b in moved])
+        # an involution's matching reads only the generator's similarity; larger groups read every element's
+        needed = {group.generator_index(group.names[0])} if group.order == 2 else set(range(group.order))
+        sims = np.zeros((group.order, blk.width, blk.width), dtype=np.float32 if net.dtype == torch.float32 else None)
+        for h in needed:
+            sims[h] = weight_similarity(blk.aug, moved[h])
         if corr is not None:
             sims = (WEIGHT_TIEBREAK * sims + np.stack(corr[i])) / (1 + WEIGHT_TIEBREAK)
         al = consistent_actions(sims, group, blk.family, net.dtype)
