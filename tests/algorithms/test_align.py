@@ -105,3 +105,25 @@ def test_involution_matching_repairs_large_problems_locally(monkeypatch):
     uniform = rng.uniform(-1, 1, (n, n))  # no structure: many units inconsistent, and the recursion must end
     perm, sign = involution_matching(uniform, signed=True)
     assert np.array_equal(perm[perm], np.arange(n)) and np.array_equal(sign[perm], sign)
+
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("spread", [0.05, 3.0])
+def test_best_assignment_is_optimal_with_and_without_the_row_maximum_shortcut(signed, spread):
+    """Distinct row maxima (small spread: a planted matching) take the shortcut; otherwise scipy solves it. Both
+    must reach scipy's optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    from layerwise.algorithms._align import best_assignment
+
+    rng = np.random.default_rng(3)
+    n = 40
+    sim = spread * rng.uniform(-1, 1, (n, n))
+    sim[np.arange(n), rng.permutation(n)] += 1.0
+    perm, sign, mean = best_assignment(sim, signed)
+    score = np.abs(sim) if signed else sim
+    r, c = linear_sum_assignment(-score)
+    assert np.array_equal(np.sort(perm), np.arange(n))
+    assert score[np.arange(n), perm].sum() == pytest.approx(score[r, c].sum(), abs=1e-12)
+    assert mean == pytest.approx(score[r, c].mean(), abs=1e-12)

@@ -77,7 +77,14 @@ class LayerAlignment:
 def best_assignment(sim: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """Unconstrained per-generator alignment: ``perm[j]``, ``sign[j]`` maximizing ``sum sign S[j, perm[j]]``."""
     score = np.abs(sim) if signed else sim
-    rows, cols = linear_sum_assignment(-score)
+    n = score.shape[0]
+    best = score.argmax(1) if n else np.zeros(0, dtype=np.int64)
+    if n and np.unique(best).size == n:
+        # every row's best column is different: the sum of row maxima bounds every assignment and is reached,
+        # so this is optimal (the usual case for a nearly equivariant network) and needs no O(n^3) solver
+        rows, cols = np.arange(n), best
+    else:
+        rows, cols = linear_sum_assignment(-score)
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
     sign = np.sign(sim[np.arange(len(perm)), perm]) if signed else np.ones(len(perm))

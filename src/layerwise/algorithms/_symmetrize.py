@@ -82,9 +82,9 @@ def align_network(
     corr = activation_statistics(net, group, data) if data is not None else None
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
     for i, blk in enumerate(net.hidden):
-        moved = [transformed_rows(blk.aug, p) for p in prev]
-        # an involution's matching reads only the generator's similarity; larger groups read every element's
-        needed = {group.generator_index(group.names[0])} if group.order == 2 else set(range(group.order))
+        # an involution's matching reads only the generator's rows; larger groups read every element's
+        needed = [group.generator_index(group.names[0])] if group.order == 2 else list(range(group.order))
+        moved = {h: transformed_rows(blk.aug, prev[h]) for h in needed}
         sims = np.zeros((group.order, blk.width, blk.width), dtype=np.float32 if net.dtype == torch.float32 else None)
         for h in needed:
             sims[h] = weight_similarity(blk.aug, moved[h])
