@@ -36,8 +36,8 @@ def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> to
     out = torch.empty_like(aug)
     if isinstance(prev, LatentAction):
         # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: a column gather, done by chunks of rows that stay in cache
-        inv = torch.argsort(prev.perm)
-        col_scale = prev.scale.to(w.dtype)[inv]
+        inv = torch.argsort(prev.perm).to(w.device)  # actions found on the CPU (alignment) may meet weights elsewhere
+        col_scale = prev.scale.to(device=w.device, dtype=w.dtype)[inv]
         unit = bool(torch.all(col_scale == 1))
         for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
             torch.index_select(w[sl], 1, inv, out=out[sl, :-1])
@@ -45,9 +45,10 @@ def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> to
                 out[sl, :-1] *= col_scale
         out[:, -1] = aug[:, -1]
         if torch.any(prev.offset64 != 0):
-            out[:, -1] += w @ prev.offset64.to(w.dtype)
+            out[:, -1] += w @ prev.offset64.to(device=w.device, dtype=w.dtype)
     else:
-        out[:, :-1] = (w.double() @ prev.double()).to(w.dtype)  # small (d_in columns): exact enough in float64
+        # small (d_in columns): exact enough in float64
+        out[:, :-1] = (w.double() @ prev.to(device=w.device, dtype=torch.float64)).to(w.dtype)
         out[:, -1] = aug[:, -1]
     return out
 

@@ -89,8 +89,8 @@ def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: fl
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     dups = [j for j in live.tolist() if _find(parent, j) != j]
-    dup_t = torch.tensor(dups, dtype=torch.long)
-    root_t = torch.tensor([_find(parent, j) for j in dups], dtype=torch.long)
+    dup_t = torch.tensor(dups, dtype=torch.long, device=rows.device)
+    root_t = torch.tensor([_find(parent, j) for j in dups], dtype=torch.long, device=rows.device)
     s = best_scale(rows[root_t], rows[dup_t], scales) if dups else rows.new_zeros(0)
     return dup_t, root_t, s
 
@@ -126,7 +126,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: torch.Tenso
     if full:
         dup_t, root_t, s = duplicate_units(aug, alive & ~gone, fam.scales, tol)
     else:
-        dup_t = torch.zeros(0, dtype=torch.long)
+        dup_t = torch.zeros(0, dtype=torch.long, device=aug.device)
     if dup_t.numel():
         mult, off = fam.latent(s)
         nxt.weight.index_add_(1, root_t, nxt.weight[:, dup_t] * mult)

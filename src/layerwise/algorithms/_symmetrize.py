@@ -30,7 +30,7 @@ def _group_inputs(group: FiniteGroup, x: torch.Tensor) -> list[torch.Tensor]:
         raise LayerwiseError(
             f"data: {flat.shape[1]} features per sample, the model takes {group.rho_in.shape[1]}"
         )
-    return [flat @ torch.as_tensor(group.rho_in[h].T) for h in range(group.order)]
+    return [flat @ torch.as_tensor(group.rho_in[h].T, device=flat.device) for h in range(group.order)]
 
 
 def _hidden(net: DenseNet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -54,8 +54,9 @@ def activation_statistics(net: DenseNet, group: FiniteGroup, data: torch.Tensor,
     """Per hidden layer and group element ``h``, the correlation matrix ``S_h[j, i] = corr(f(h x)_j, f(x)_i)``
     over ``data``, accumulated in batches (one pass, memory independent of the number of samples)."""
     stats = [[CorrelationStats() for _ in range(group.order)] for _ in net.hidden]
-    mats = [torch.as_tensor(group.rho_in[h].T, dtype=net.blocks[0].aug.dtype) for h in range(group.order)]
-    flat = data.reshape(data.shape[0], -1).to(net.blocks[0].aug.dtype)
+    ref = net.blocks[0].aug
+    mats = [torch.as_tensor(group.rho_in[h].T, dtype=ref.dtype, device=ref.device) for h in range(group.order)]
+    flat = data.reshape(data.shape[0], -1).to(device=ref.device, dtype=ref.dtype)
     if flat.shape[1] != group.rho_in.shape[1]:
         raise LayerwiseError(f"data: {flat.shape[1]} features per sample, the model takes {group.rho_in.shape[1]}")
     with torch.no_grad():
@@ -80,7 +81,9 @@ def align_network(
     """
     out: list[LayerAlignment] = []
     corr = activation_statistics(net, group, data) if data is not None else None
-    prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h]) for h in range(group.order)]
+    device = net.blocks[0].aug.device
+    prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h], device=device)
+                                               for h in range(group.order)]
     for i, blk in enumerate(net.hidden):
         # an involution's matching reads only the generator's rows; larger groups read every element's
         needed = [group.generator_index(group.names[0])] if group.order == 2 else list(range(group.order))
@@ -102,9 +105,9 @@ def chain_action(blk, moved: torch.Tensor, perm: torch.Tensor, sign: torch.Tenso
     """The latent action a weight alignment ``(perm, sign)`` of layer ``blk`` implies for the next layer: for
     rescalable units (ReLU, powers) the factor of each matched row ``moved[j] ~ s_j aug[perm[j]]`` is fitted, since
     the next layer sees this layer through those rescalings too."""
-    perm = torch.as_tensor(perm)
+    perm = torch.as_tensor(perm)  # latent actions of the alignment live on the CPU
     if blk.family.homogeneous:
-        s = best_scale(blk.aug[perm], moved, blk.family.scales).double()
+        s = best_scale(blk.aug[perm.to(blk.aug.device)], moved, blk.family.scales).double().cpu()
     else:
         s = torch.as_tensor(sign, dtype=torch.float64)
     mult, off = blk.family.latent(s)
@@ -115,7 +118,8 @@ def _average(net: DenseNet, group: FiniteGroup, alignments: list[LayerAlignment]
     """Group average of every layer; ``alignments=None`` is the naive average (identity on hidden layers)."""
     net = net.to(torch.float64)
     order = group.order
-    prev_all: list = [torch.as_tensor(group.rho_in[h]) for h in range(order)]
+    device = net.blocks[0].aug.device
+    prev_all: list = [torch.as_tensor(group.rho_in[h], device=device) for h in range(order)]
     for i, blk in enumerate(net.blocks):
         hidden = i < len(net.hidden)
         if hidden and alignments is not None:
@@ -126,7 +130,7 @@ def _average(net: DenseNet, group: FiniteGroup, alignments: list[LayerAlignment]
             y = transformed_rows(blk.aug, prev_all[h] if (i == 0 or alignments is not None) else
                                  LatentAction.identity(blk.weight.shape[1]))
             if not hidden:
-                y = torch.linalg.solve(torch.as_tensor(group.rho_out[h]), y)
+                y = torch.linalg.solve(torch.as_tensor(group.rho_out[h], device=device), y)
             elif alignments is not None:
                 y = pre_all[h].inverse().apply_rows(y)
             total += y
@@ -144,6 +148,7 @@ def symmetrize(
     balance: bool = True,
     max_group_order: int = MAX_GROUP_ORDER,
     return_alignment: bool = False,
+    device: torch.device | str | None = None,
 ):
     """An exactly equivariant network close to ``model``: the group average with group-consistent latent actions.
 
@@ -159,6 +164,8 @@ def symmetrize(
             reduced to its identifiable submodel first (dead, constant and duplicated units have no partner), so
             the returned model may be narrower.
         return_alignment: also return the per-layer :class:`LayerAlignment` (quality and cost of consistency).
+        device: where to compute, dense models only (default: where the model's weights are); the activation
+            statistics and the averages run there, and the returned model lives there.
 
     Returns:
         A new ``nn.Sequential`` with the same module types and dtype (and the alignments if asked).
@@ -179,7 +186,7 @@ def symmetrize(
 
         return symmetrize_cnn(model, generators, data, balance=balance, max_group_order=max_group_order,
                               return_alignment=return_alignment)
-    net = parse_dense(model)
+    net = parse_dense(model, device=device)
     group = _FG.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     if data is not None:
         data = _check_inputs(data, model)
@@ -195,7 +202,8 @@ def symmetrize(
     return (out, alignments) if return_alignment else out
 
 
-def naive_average(model: nn.Module, generators: dict, *, max_group_order: int = MAX_GROUP_ORDER) -> nn.Sequential:
+def naive_average(model: nn.Module, generators: dict, *, max_group_order: int = MAX_GROUP_ORDER,
+                  device: torch.device | str | None = None) -> nn.Sequential:
     """The group average without alignment (hidden units matched to themselves): the baseline that alignment must
     beat (Bökman & Kahl 2023). Only the first and last layers see the group; it is not equivariant in general."""
     from ..layers._conv import is_cnn
@@ -204,17 +212,19 @@ def naive_average(model: nn.Module, generators: dict, *, max_group_order: int = 
         from ._symmetrize_cnn import symmetrize_cnn
 
         return symmetrize_cnn(model, generators, balance=False, max_group_order=max_group_order, aligned=False)
-    net = parse_dense(model)
+    net = parse_dense(model, device=device)
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     return _average(net, group, None).to_module()
 
 
 def align(model: nn.Module, generators: dict, data: torch.Tensor | None = None, *,
-          max_group_order: int = MAX_GROUP_ORDER) -> list[LayerAlignment]:
+          max_group_order: int = MAX_GROUP_ORDER, device: torch.device | str | None = None) -> list[LayerAlignment]:
     """Group-consistent latent actions of every hidden layer of a (trained, approximately equivariant) model.
 
     Each :class:`LayerAlignment` holds per-generator actions (``.latent``, ``.pre``) that form a homomorphism of the
     whole group, the similarity they achieve (``.quality``) and what unconstrained assignment would achieve.
+    ``device`` (dense models): where the similarities and activation statistics are computed; the returned actions
+    are on the CPU.
     """
     from ..layers._conv import is_cnn
 
@@ -222,7 +232,7 @@ def align(model: nn.Module, generators: dict, data: torch.Tensor | None = None, 
         from ._symmetrize_cnn import symmetrize_cnn
 
         return symmetrize_cnn(model, generators, data, max_group_order=max_group_order, return_alignment=True)[1]
-    net = parse_dense(model)
+    net = parse_dense(model, device=device)
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     if data is not None:
         data = _check_inputs(data, model)

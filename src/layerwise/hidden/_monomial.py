@@ -57,8 +57,8 @@ class LatentAction:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """Apply to ``z`` of shape ``(..., n)``."""
-        s = self.scale.to(z.dtype)
-        return z[..., self.perm] * s + self._offset.to(z.dtype)
+        s = self.scale.to(device=z.device, dtype=z.dtype)
+        return z[..., self.perm.to(z.device)] * s + self._offset.to(device=z.device, dtype=z.dtype)
 
     def __matmul__(self, other: LatentAction) -> LatentAction:
         """Composition ``self o other`` (apply ``other`` first)."""
@@ -75,7 +75,7 @@ class LatentAction:
 
     def apply_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of ``K x`` for the linear part ``K`` of this action (``x`` of shape ``(n, d)``)."""
-        return x[self.perm] * self.scale.to(x.dtype)[:, None]
+        return x[self.perm.to(x.device)] * self.scale.to(device=x.device, dtype=x.dtype)[:, None]
 
     def distance(self, other: LatentAction) -> float:
         """Largest relative difference of the two affine maps' multipliers and offsets (inf when the permutations

@@ -133,6 +133,19 @@ def _flatten(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     return [(prefix, module)]
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` that can hold a tensor here; LayerwiseError otherwise."""
+    try:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise ValueError("the meta device holds no values")
+        torch.empty(1, device=dev)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerwiseError(f"device: cannot compute on {device!r} ({first})") from None
+    return dev
+
+
 def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -> DenseNet:
     """Read an ``nn.Sequential`` of Linear layers and pointwise activations; never modifies it.
 
@@ -143,6 +156,8 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
     """
     if not isinstance(model, nn.Sequential):
         raise LayerwiseError(f"model: expected an nn.Sequential, got {type(model).__name__}")
+    if device is not None:
+        device = check_device(device)
     named = _flatten(model, "")
     if not named:
         raise LayerwiseError("model: the nn.Sequential is empty")
@@ -183,7 +198,7 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
                 dtype = w.dtype
             elif w.dtype != dtype:
                 raise LayerwiseError(f"{where}: dtype {w.dtype} differs from the first Linear's {dtype}")
-            b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
             bad = 0
             if not (torch.isfinite(w.sum()) and torch.isfinite(b.sum())):  # one reduction; count only if needed
                 bad = int((~torch.isfinite(w)).sum()) + int((~torch.isfinite(b)).sum())
@@ -194,7 +209,7 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
                     f"{where}: in_features={w.shape[1]} does not match the previous layer's "
                     f"out_features={blocks[-1].weight.shape[0]}"
                 )
-            aug = torch.empty(w.shape[0], w.shape[1] + 1, dtype=w.dtype, device=device)
+            aug = torch.empty(w.shape[0], w.shape[1] + 1, dtype=w.dtype, device=w.device if device is None else device)
             aug[:, :-1] = w
             aug[:, -1] = b
             blocks.append(DenseBlock(
