@@ -47,3 +47,18 @@ def test_unusable_devices_are_refused_by_name(device):
                  lambda: layerwise.symmetrize(model, planted.generators, device=device)):
         with pytest.raises(LayerwiseError, match="device"):
             call()
+
+
+def test_the_device_argument_reaches_the_adapter(monkeypatch):
+    """On a CPU-only machine the results cannot differ, so check that the argument is passed through."""
+    from layerwise.layers import _dense
+
+    seen = []
+    real = _dense.check_device
+    monkeypatch.setattr(_dense, "check_device", lambda d: seen.append(d) or real(d))
+    model, planted = planted_mlp("tanh", group="z2", widths=(8,), seed=0)
+    layerwise.extract(model, planted.generators, device="cpu")
+    layerwise.align(model, planted.generators, device="cpu")
+    layerwise.symmetrize(model, planted.generators, device="cpu")
+    layerwise.naive_average(model, planted.generators, device="cpu")
+    assert seen == ["cpu"] * 4

@@ -218,3 +218,124 @@ def test_patch_generators_match_cutting_a_flipped_image_into_patches():
         group = {"hflip": "z2", "vflip": "z2v", "rot90": "d4"}[name]
         act = patch_generators(group, 4, 2)[name][0]
         assert torch.equal(act.apply(tokens(img)), tokens(flip(img)))
+
+
+def _verify_heads(res, gens, x, rtol):
+    """Every attention layer's HeadAction holds on its heads' outputs in the returned model."""
+    mods = list(res.model)
+    att_modules = [i for i, m in enumerate(mods) if isinstance(m, SelfAttention)]
+    att_layers = [i for i, f in enumerate(res.families) if f.startswith("attention")]
+    assert len(att_modules) == len(att_layers)
+    for mi, li in zip(att_modules, att_layers):
+        pre = nn.Sequential(*mods[:mi])
+        for name, (act_in, _) in gens.items():
+            k = res.latent[li][name]
+            with torch.no_grad():
+                lhs = mods[mi].heads(pre(act_in.apply(x)))
+                rhs = k(mods[mi].heads(pre(x))[:, k.tokens])
+            assert _rel(lhs, rhs) <= rtol
+
+
+@pytest.mark.parametrize("variant", ["attn,attn", "pe,attn,pe,attn", "attn,dense,attn"])
+def test_stacked_attention_layers_with_affine_inputs(variant):
+    """Attention after attention (or after a dense layer) sees an affine input action (the previous layer's offsets):
+    the moved score forms need their query-only terms dropped and the values their shift. Certified with and without
+    the canonical move, head actions hold on the heads' outputs, the function is kept."""
+    dtype = torch.float64
+    m1, p1 = planted_attention("z2", tail=None, dtype=dtype, seed=3)
+    if variant == "attn,dense,attn":
+        m3, _ = planted_attention("z2", tail="tanh", positional=False, dtype=dtype, seed=5)
+        m2, _ = planted_attention("z2", tail=None, positional=False, dtype=dtype, seed=6)
+        model = nn.Sequential(*m1, *m3, *m2)
+    else:
+        m2, _ = planted_attention("z2", tail=None, positional=variant.count("pe") == 2, dtype=dtype, seed=4)
+        model = nn.Sequential(*m1, *m2)
+    gens = p1.generators
+    x = _tokens(model)
+    offsets = []
+    for canonical in (False, True):
+        res = layerwise.extract(model, gens, canonical=canonical)
+        assert res.equivariant, res.first_failure
+        _verify_heads(res, gens, x, 1e-10)
+        with torch.no_grad():
+            assert _rel(res.model(x), model(x)) <= 1e-12
+        offsets.append(max(float(a["hflip"].offset.abs().max()) for a, f in zip(res.latent, res.families)
+                           if f.startswith("attention")))
+    assert offsets[0] > 0.1 and offsets[1] < 1e-10  # affine actions before the canonical move, linear after
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_canonical_move_of_a_dense_layer_before_attention_compensates_in_the_attention(positional):
+    """Linear, ReLU, [PositionalEncoding], SelfAttention, ...: removing the ReLU layer's rescalings must rescale the
+    positional encoding and divide the attention's input columns; the function is kept and certified."""
+    dtype = torch.float64
+    planted, p = planted_attention("z2", positional=positional, dtype=dtype, seed=3)
+    m = torch.as_tensor(layerwise.group.action_matrix(p.generators["hflip"][0].features, 8, "m"))
+    g = torch.Generator().manual_seed(0)
+    a0 = torch.randn(8, 8, generator=g, dtype=dtype)
+    a = (a0 + m.T @ a0 @ m) / 2 + 3 * torch.eye(8, dtype=dtype)  # commutes with the feature action
+    d = torch.exp(torch.randn(8, generator=g, dtype=dtype))  # a hidden positive rescaling
+    lin = nn.Linear(8, 8, dtype=dtype)
+    rest = copy.deepcopy(planted)
+    with torch.no_grad():
+        lin.weight.copy_(d[:, None] * a)
+        lin.bias.zero_()
+        for mod in rest:
+            if isinstance(mod, PositionalEncoding):
+                mod.weight.mul_(d)
+        next(mod for mod in rest if isinstance(mod, SelfAttention)).attn.in_proj_weight.div_(d)
+    model = nn.Sequential(lin, nn.ReLU(), *rest)
+    x = _tokens(model)
+    res = layerwise.extract(model, p.generators)
+    assert res.equivariant, res.first_failure
+    assert res.latent[0]["hflip"].is_permutation()  # the rescalings are gone
+    with torch.no_grad():
+        assert _rel(res.model(x), model(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("tail", ["tanh", "relu"])
+def test_a_model_ending_with_an_activation_keeps_its_function(tail):
+    """The last activation's output is the model's output: no hidden symmetry may change it."""
+    dtype = torch.float64
+    full, planted = planted_attention("z2", tail=tail, dtype=dtype, seed=3)
+    model = nn.Sequential(*list(full)[:-1])
+    lat = layerwise.extract(full, planted.generators, canonical=False).latent[1]["hflip"]
+    a_in = planted.generators["hflip"][0]
+    gens = {"hflip": (a_in, TokenAction(a_in.tokens, lat.matrix))}
+    x = _tokens(model)
+    assert layerwise.equivariance_error(model, gens, x) < 1e-12
+    res = layerwise.extract(model, gens)
+    assert res.equivariant, res.first_failure
+    with torch.no_grad():
+        assert _rel(res.model(x), model(x)) <= 1e-12
+
+
+def test_non_identifiable_token_models_say_why():
+    model, planted = planted_attention("z2", tail="tanh", dtype=torch.float64, seed=3)
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead[2].weight[:2] = 0.0  # two tanh units with no incoming weights: constants
+        dead[2].bias[:2] = 0.0
+    res = layerwise.extract(dead, planted.generators)
+    assert any("constant" in n and "[0, 1]" in n for n in res.notes)
+    zero_head = copy.deepcopy(model)
+    with torch.no_grad():
+        zero_head[1].attn.in_proj_weight[16:18] = 0.0  # head 0's value map
+        zero_head[1].attn.in_proj_bias[16:18] = 0.0
+    res = layerwise.extract(zero_head, planted.generators)
+    assert any("head 0" in n and "rank below" in n for n in res.notes)
+    assert "notes" not in res.summary() or any(n in res.summary() for n in res.notes)
+
+
+def test_mixed_dtypes_and_non_cpu_devices_are_refused_for_token_models():
+    model, planted = planted_attention("z2", seed=0)
+    mixed = copy.deepcopy(model)
+    mixed[1].half()
+    with pytest.raises(LayerwiseError, match="dtype"):
+        layerwise.extract(mixed, planted.generators)
+    with pytest.raises(LayerwiseError, match="device"):
+        layerwise.extract(model, planted.generators, device="meta")
+    with pytest.raises(LayerwiseError, match="input_shape"):
+        layerwise.extract(model, planted.generators, input_shape=(1, 8, 8))
+    with pytest.raises(LayerwiseError, match="integer permutation"):
+        TokenAction([0.9, 1.5, 2.2], None).apply(torch.randn(2, 3, 4))

@@ -33,3 +33,12 @@ def test_quick_run_writes_the_figure_and_reports_every_head(tmp_path):
     assert all(len(r["map_residual"]) == 4 for r in rep["heads"].values())
     assert (tmp_path / "attention_heads.png").stat().st_size > 10_000
     assert any("attention autoencoder" in line for line in lines)
+
+
+def test_head_report_is_exact_for_a_rotation_of_order_four():
+    """rot90 permutes tokens and heads in 4-cycles (not involutions): a swapped p or perm would show here."""
+    model, planted = planted_attention("d4", channels=2, fixed_heads=0, seed=1, dtype=torch.float64)
+    x = torch.randn(30, 16, 8, dtype=torch.float64)
+    rep = head_report(model, {"rot90": planted.generators["rot90"]}, x)
+    assert rep["cycle_type"] == [4, 4]
+    assert max(rep["map_residual"]) < 1e-8

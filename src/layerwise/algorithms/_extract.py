@@ -311,7 +311,10 @@ def extract(
     if is_token_model(model):
         from ._extract_attention import extract_tokens
 
-        return extract_tokens(model, generators, tol=tol, max_group_order=max_group_order, canonical=canonical)
+        if input_shape is not None:
+            raise LayerwiseError("input_shape: only CNNs take it; token models read (N, T, d) inputs")
+        return extract_tokens(model, generators, tol=tol, max_group_order=max_group_order, canonical=canonical,
+                              device=device)
     if is_cnn(model):
         from ._extract_cnn import extract_cnn
 

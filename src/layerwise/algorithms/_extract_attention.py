@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,9 +35,11 @@ from ..group import MAX_GROUP_ORDER, FiniteGroup, token_group
 from ..hidden import HeadAction, LatentAction
 from ..layers import AttentionBlock, DenseBlock, TokenNet, parse_tokens
 from ..layers._attention import drop_query_terms
+from ..layers._dense import check_device
 from ..nn import PositionalEncoding, SelfAttention
 from ._extract import DEFAULT_TOL, ExtractionResult, canonical_factors, extend_to_group
 from ._match import match_rows
+from ._reduce import duplicate_units
 
 
 def _relative(err: torch.Tensor, ref: torch.Tensor, floor: float) -> torch.Tensor:
@@ -66,7 +69,8 @@ def identify_heads(blk: AttentionBlock, mhat: torch.Tensor, tokens: torch.Tensor
     g = torch.linalg.lstsq(src.transpose(1, 2), y.transpose(1, 2)).solution.transpose(1, 2)
     err = (g @ src - y).flatten(1).norm(dim=1)
     ny = y.flatten(1).norm(dim=1)
-    value_res = _relative(err, torch.maximum(ny, src.flatten(1).norm(dim=1)), 1e-3 * float(ny.max()))
+    # per head, no floor shared across heads: a head's value scale is a hidden symmetry (values x c, output / c)
+    value_res = _relative(err, torch.maximum(ny, src.flatten(1).norm(dim=1)), 0.0)
     # on the actual latent (constants included): z'_h = G_h (z_{pi(h)} - c_{pi(h)}) + shift_h + c_h
     offset = shift + const - (g @ const[perm][..., None])[..., 0]
     return HeadAction(perm, g, offset.reshape(-1), tokens, score_res, value_res)
@@ -125,11 +129,33 @@ def _sweep(net: TokenNet, group: FiniteGroup, t: int, tol: float, canonical: boo
     return actions, residuals, output
 
 
+def _outgoing(net: TokenNet, i: int) -> torch.Tensor:
+    """``(consumers, width)``: every weight that reads the latent of block ``i`` (next block's input columns)."""
+    nxt = net.blocks[i + 1] if i + 1 < len(net.blocks) else None
+    if nxt is None:
+        return net.out[:, :-1]
+    if isinstance(nxt, AttentionBlock):
+        return torch.cat([nxt.q, nxt.k, nxt.v], 1)[..., :nxt.d].reshape(-1, nxt.d)
+    return nxt.aug[:, :-1]
+
+
 def _notes(net: TokenNet, tol: float) -> list[str]:
-    """What makes a token model non-identifiable, found on its invariants."""
+    """What makes a token model non-identifiable, found on its invariants (nothing is reduced away)."""
     notes = []
     for i, blk in enumerate(net.blocks):
-        if not isinstance(blk, AttentionBlock):
+        if isinstance(blk, DenseBlock):
+            w = blk.aug.double()
+            cols = _outgoing(net, i).double().norm(dim=0)
+            dead = torch.nonzero(cols <= tol * cols.max().clamp_min(1e-300)).flatten().tolist()
+            rows = w[:, :-1].norm(dim=1)
+            const = torch.nonzero(rows <= tol * w.norm(dim=1).max().clamp_min(1e-300)).flatten().tolist()
+            dups, _, _ = duplicate_units(w, torch.ones(w.shape[0], dtype=torch.bool), blk.family.scales, tol)
+            for label, units in (("dead (no outgoing weight)", dead), ("constant (no incoming weight)", const),
+                                 ("duplicated", dups.tolist())):
+                if units:
+                    shown = f"{units[:8]}{' ...' if len(units) > 8 else ''}"
+                    notes.append(f"layer {i + 1} ({blk.family.name}): units {shown} are {label}; the layer is not "
+                                 "identifiable (token models are not reduced)")
             continue
         v, _ = blk.values()
         for h in range(blk.num_heads):
@@ -145,6 +171,12 @@ def _notes(net: TokenNet, tol: float) -> list[str]:
                     notes.append(f"layer {i + 1}: heads {h1} and {h2} have the same score form; they act as one "
                                  "head and their split is not identifiable")
     return notes
+
+
+def _has_consumer(mods: list[nn.Module], start: int) -> bool:
+    """Whether a Linear or attention layer reads the latent after module ``start`` (a model may end with an
+    activation: its output is then fixed by the output action, and no hidden symmetry may change it)."""
+    return any(isinstance(m, (nn.Linear, SelfAttention)) for m in mods[start + 1:])
 
 
 def _consumer_scale(mods: list[nn.Module], start: int, mult: torch.Tensor) -> None:
@@ -198,6 +230,8 @@ def _canonical_model(model: nn.Sequential, net: TokenNet, group: FiniteGroup, gr
                 _orthogonalize(flat[blk.index].attn, acts)
                 continue
             lin = flat[blk.index]
+            if not _has_consumer(flat, blk.act_index):
+                continue
             for factor in canonical_factors(blk.family, group, acts):
                 mult, shift = blk.family.latent(factor)
                 if torch.any(shift != 0):
@@ -223,7 +257,8 @@ def _describe(blk) -> str:
 
 
 def extract_tokens(model: nn.Module, generators: dict, *, tol: float | None = None,
-                   max_group_order: int = MAX_GROUP_ORDER, canonical: bool = True) -> ExtractionResult:
+                   max_group_order: int = MAX_GROUP_ORDER, canonical: bool = True,
+                   device: torch.device | str | None = None) -> ExtractionResult:
     """:func:`layerwise.extract` for token models (``(N, T, d)`` inputs with attention layers).
 
     Actions may be :class:`~layerwise.group.TokenAction` (token permutation and feature action) or plain feature
@@ -232,6 +267,10 @@ def extract_tokens(model: nn.Module, generators: dict, *, tol: float | None = No
     input's. Dead or duplicated units and heads are not removed (a width change would not fit
     ``nn.MultiheadAttention``): what makes the model non-identifiable is listed in ``notes``.
     """
+    if device is not None and check_device(device).type != "cpu":
+        raise LayerwiseError(f"device: token models are analysed on the CPU (their matrices are small), got {device!r}")
+    if isinstance(model, nn.Module) and any(p.device.type not in ("cpu", "meta") for p in model.parameters()):
+        raise LayerwiseError("model: token models are analysed on the CPU; move the model there with model.cpu()")
     net = parse_tokens(model)
     if tol is None:
         tol = DEFAULT_TOL[net.dtype]
@@ -240,27 +279,48 @@ def extract_tokens(model: nn.Module, generators: dict, *, tol: float | None = No
     group, t = token_group(generators, net.positions if net.has_pe else None, net.in_features, net.out_features,
                            max_order=max_group_order)
     notes = _notes(net, tol)
-    out_model = model
-    for attempt in range(2):
-        actions, residuals, output = _sweep(net, group, t, tol, canonical=canonical and attempt == 1)
-        extended = [extend_to_group(group, acts) for acts in actions]
-        group_latent = [e[0] for e in extended]
-        hom = max((e[1] for e in extended), default=0.0)
-        failure, failed = _first_failure(net, residuals, output, hom, tol)
-        if attempt == 1 or failure is not None or not canonical:
-            break
-        out_model = _canonical_model(model, net, group, group_latent)
-        net = parse_tokens(out_model)
-    if out_model is model:
+    found = _certify(net, group, t, tol, canonical=False)
+    out_model = None
+    if canonical and found.failure is None:
+        moved_model = _canonical_model(model, net, group, found.group_latent)
+        moved_net = parse_tokens(moved_model)
+        second = _certify(moved_net, group, t, tol, canonical=True)
+        if second.failure is None:  # keep the canonical point only if it certifies (float32 rounding could break it)
+            found, out_model, net = second, moved_model, moved_net
+        else:
+            notes = notes + [f"the canonical parameters did not certify ({second.failure}); the model is returned "
+                             "in its own parameterization"]
+    if out_model is None:
         out_model = copy.deepcopy(model)
-    worst = max([r for res in residuals for r in res.values()] + list(output.values())
-                + ([] if failed is not None else [hom]))
+    worst = max([r for res in found.residuals for r in res.values()] + list(found.output.values())
+                + ([] if found.failed is not None else [found.hom]))
     return ExtractionResult(
-        equivariant=failure is None, residual=float(worst), model=out_model, latent=actions, tol=float(tol),
-        group=group, group_latent=group_latent, layer_residuals=residuals, output_residual=output,
-        homomorphism_residual=float(hom), first_failure=failure, failed_layer=failed, reduction=[],
-        families=[_describe(b) for b in net.blocks], identifiable=[True for _ in net.blocks], notes=notes,
+        equivariant=found.failure is None, residual=float(worst), model=out_model, latent=found.actions,
+        tol=float(tol), group=group, group_latent=found.group_latent, layer_residuals=found.residuals,
+        output_residual=found.output, homomorphism_residual=float(found.hom), first_failure=found.failure,
+        failed_layer=found.failed, reduction=[], families=[_describe(b) for b in net.blocks],
+        identifiable=[True for _ in net.blocks], notes=notes,
     )
+
+
+class _Certificate(NamedTuple):
+    actions: list
+    group_latent: list
+    residuals: list
+    output: dict
+    hom: float
+    failure: str | None
+    failed: int | None
+
+
+def _certify(net: TokenNet, group: FiniteGroup, t: int, tol: float, canonical: bool) -> _Certificate:
+    """One sweep per generator, extended to the whole group, with where it first fails."""
+    actions, residuals, output = _sweep(net, group, t, tol, canonical=canonical)
+    extended = [extend_to_group(group, acts) for acts in actions]
+    group_latent = [e[0] for e in extended]
+    hom = max((e[1] for e in extended), default=0.0)
+    failure, failed = _first_failure(net, residuals, output, hom, tol)
+    return _Certificate(actions, group_latent, residuals, output, hom, failure, failed)
 
 
 def _first_failure(net: TokenNet, residuals, output, hom: float, tol: float):

@@ -46,7 +46,13 @@ class TokenAction:
         return action_matrix(arr, num_tokens, where)
 
     def num_tokens(self, where: str) -> int | None:
-        return None if self.tokens is None else int(_to_numpy(self.tokens, where).shape[0])
+        if self.tokens is None:
+            return None
+        arr = _to_numpy(self.tokens, where)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise LayerwiseError(f"{where}: tokens must be a 1-D integer permutation, got shape {arr.shape} and "
+                                 f"dtype {arr.dtype}")
+        return int(arr.shape[0])
 
     def apply(self, x):
         """Apply to a torch tensor of shape ``(N, T, d)``."""
@@ -57,6 +63,7 @@ class TokenAction:
         if x.ndim != 3:
             raise LayerwiseError(f"TokenAction: expected tokens of shape (N, T, d), got {tuple(x.shape)}")
         if self.tokens is not None:
+            self.num_tokens("TokenAction.tokens")
             p = torch.as_tensor(np.asarray(_to_numpy(self.tokens, "tokens")), dtype=torch.long, device=x.device)
             if p.ndim != 1 or p.numel() != x.shape[1] or not torch.equal(p.sort().values,
                                                                            torch.arange(x.shape[1], device=x.device)):

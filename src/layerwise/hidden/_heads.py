@@ -17,7 +17,8 @@ class HeadAction:
     Attributes:
         perm: ``(h,)`` long tensor; head ``j`` of the result reads head ``perm[j]`` of the input.
         mats: ``(h, d_head, d_head)`` float64 per-head matrices (orthogonal after the canonical choice).
-        offset: ``(h * d_head,)`` float64 offsets (zero unless the layer's input action is affine).
+        offset: ``(h * d_head,)`` float64 offsets: value biases that are not group-averaged and affine input actions
+            give them; zero after the canonical choice.
         tokens: ``(T,)`` token permutation of the group element, or ``None`` (tokens stay in place).
         score_residual: ``(h,)`` relative residual of each head's score-form match (``M^T B_h M = B_{perm[h]}``).
         value_residual: ``(h,)`` relative residual of each head's value map (least squares).

@@ -123,6 +123,10 @@ def parse_tokens(model: nn.Module) -> TokenNet:
     dtype = params[0].dtype
     if dtype not in (torch.float32, torch.float64):
         raise LayerwiseError(f"model: expected float32 or float64 weights, got {dtype}")
+    for name, p in model.named_parameters():
+        if p.dtype != dtype:
+            raise LayerwiseError(f"model: parameter {name} has dtype {p.dtype}, the first parameter {dtype}; "
+                                 "convert the whole model to one dtype")
     if any(p.is_meta for p in params):
         raise LayerwiseError("model: has weights on the meta device (no values to analyse)")
     if not all(bool(torch.isfinite(p).all()) for p in params):
