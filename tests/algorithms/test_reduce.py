@@ -82,3 +82,23 @@ def test_no_bypass_for_tanh_or_non_opposite_rows():
         gelu[0].weight[5] = -0.5 * gelu[0].weight[2]
         gelu[0].bias[5] = -0.5 * gelu[0].bias[2]
     assert layerwise.extract(gelu, {"id": (None, None)}).reduction[0].bypass == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_removing_rows_of_the_next_layer_can_kill_a_unit_backwards(dtype):
+    """Unit 0 of layer 1 feeds only units 0 and 1 of layer 2, which are dead: once they are removed, unit 0 has no
+    outgoing weight left. The outgoing norms are updated incrementally, so this needs their exact recheck."""
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    with torch.no_grad():
+        for lin in (model[0], model[2], model[4]):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+        model[2].weight[:, 0] = 0.0
+        model[2].weight[:2, 0] = 1e3 * torch.randn(2, generator=gen)  # big weights: subtraction rounding matters
+        model[4].weight[:, :2] = 0.0  # layer-2 units 0 and 1 dead
+    reduced, reports = reduce_to_submodel(parse_dense(model), 1e-5 if dtype == torch.float32 else 1e-10)
+    assert reports[1].dead == [0, 1]
+    assert reports[0].dead == [0]
+    x = torch.randn(50, 4, dtype=dtype)
+    with torch.no_grad():
+        assert (reduced.forward(x) - model(x)).norm() / model(x).norm() < (1e-5 if dtype == torch.float32 else 1e-12)

@@ -95,22 +95,35 @@ def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: fl
     return dup_t, root_t, s
 
 
-def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: torch.Tensor, tol: float,
-                  full: bool = True) -> bool:
+#: Columns whose incrementally updated squared norm falls below this fraction of the largest are recomputed exactly
+#: before the dead-unit test (the updates subtract, so their rounding is relative to the old norms).
+_RECHECK = 1e-4
+
+
+def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.Tensor], tol: float,
+                  colsq: list, full: bool = True) -> bool:
     """One pass over hidden layer ``i``; returns whether anything changed. Removed units are zeroed and marked in
-    ``alive`` (the arrays are compacted once, at the end: no copy of a wide matrix per pass). With ``full=False``
-    only dead units are looked for (what a change of the neighbouring layers' rows or of this layer's merges can
-    create)."""
+    ``alive[i]`` (the arrays are compacted once, at the end: no copy of a wide matrix per pass). ``colsq[i]`` holds
+    the squared outgoing norms of layer ``i``'s units, updated as rows and columns change instead of recomputed. With
+    ``full=False`` only dead units are looked for (what a change of the neighbouring layers' rows or of this layer's
+    merges can create)."""
     blk, nxt = net.blocks[i], net.blocks[i + 1]
     fam = blk.family
     aug = blk.aug
-    col_norm = nxt.weight.square().sum(0).sqrt()  # twice as fast as a strided vector_norm over dim 0
+    live = alive[i]
+    if colsq[i] is None:
+        colsq[i] = nxt.weight.square().sum(0)  # twice as fast as a strided vector_norm over dim 0
+    cs = colsq[i]
+    scale = cs[live].max().clamp_min(1e-300)
+    low = torch.nonzero(live & (cs <= _RECHECK * scale)).flatten()
+    if low.numel():
+        cs[low] = nxt.weight[:, low].square().sum(0)
     # (a) dead: no outgoing weight
-    dead = (col_norm <= tol * col_norm[alive].max().clamp_min(1e-300)) & alive
+    dead = (cs <= tol * tol * scale) & live
     if full:
         # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
         row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
-        const = (blk.weight.norm(dim=1) <= tol * row_scale) & alive & ~dead
+        const = (blk.weight.norm(dim=1) <= tol * row_scale) & live & ~dead
     else:
         const = torch.zeros_like(dead)
     rep.dead.extend(torch.nonzero(dead).flatten().tolist())
@@ -124,7 +137,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: torch.Tenso
     gone = dead | const
     # (c) duplicates up to an allowed factor, merged into the first unit of their component
     if full:
-        dup_t, root_t, s = duplicate_units(aug, alive & ~gone, fam.scales, tol)
+        dup_t, root_t, s = duplicate_units(aug, live & ~gone, fam.scales, tol)
     else:
         dup_t = torch.zeros(0, dtype=torch.long, device=aug.device)
     if dup_t.numel():
@@ -135,12 +148,18 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: torch.Tenso
             nxt.has_bias = True
         rep.merged.extend(zip(dup_t.tolist(), root_t.tolist()))
         gone[dup_t] = True
+        roots = torch.unique(root_t)
+        cs[roots] = nxt.weight[:, roots].square().sum(0)
     if not bool(gone.any()):
         return False
     idx = torch.nonzero(gone).flatten()
-    alive[idx] = False
+    live[idx] = False
+    if i > 0 and colsq[i - 1] is not None:  # these rows held outgoing weights of layer i - 1's units
+        colsq[i - 1] -= blk.weight[idx].square().sum(0)
+        colsq[i - 1].clamp_(min=0.0)
     blk.aug[idx] = 0.0
     nxt.weight[:, idx] = 0.0
+    cs[idx] = 0.0
     return True
 
 
@@ -169,6 +188,7 @@ def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerR
     net = net.copy()
     reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
     alive = [torch.ones(b.width, dtype=torch.bool, device=b.aug.device) for b in net.hidden]
+    colsq: list = [None] * len(net.hidden)
     # A change in layer i alters the rows of layer i + 1 (new constants or duplicates possible: a full pass) and the
     # outgoing columns of layers i - 1 and i (merged or removed columns can leave a unit dead: a dead-unit pass).
     full = set(range(len(net.hidden)))
@@ -178,7 +198,7 @@ def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerR
         is_full = i in full
         full.discard(i)
         dead_only.discard(i)
-        if bool(alive[i].any()) and _reduce_layer(net, i, reports[i], alive[i], tol, full=is_full):
+        if bool(alive[i].any()) and _reduce_layer(net, i, reports[i], alive, tol, colsq, full=is_full):
             if i + 1 < len(net.hidden):
                 full.add(i + 1)
             dead_only |= {j for j in (i - 1, i) if j >= 0 and j not in full}
