@@ -18,10 +18,12 @@ from ._oracle import (
 from .algorithms import (
     DEFAULT_TOL,
     ExtractionResult,
+    HeadMetric,
     LayerAlignment,
     LayerMetric,
     align,
     extract,
+    head_metrics,
     layerwise_metrics,
     naive_average,
     symmetrize,
@@ -36,5 +38,5 @@ __all__ = [
     "LayerwiseError",
     "align", "assert_layerwise_equivariant", "character", "equivariance_error", "extract", "hidden_outputs",
     "homomorphism_residual", "layer_equivariance_errors", "layerwise_metrics", "naive_average", "nn",
-    "symmetrize", "TokenAction",
+    "symmetrize", "TokenAction", "HeadMetric", "head_metrics",
 ]

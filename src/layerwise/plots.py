@@ -153,16 +153,17 @@ def plot_emergence(history: list[dict], path: Path, *, title: str, switch_epoch:
     return path
 
 
-def plot_attention_heads(image: torch.Tensor, maps: torch.Tensor, maps_mirror: torch.Tensor, action,
-                         map_residual: list[float], path: Path, *, title: str) -> Path:
+def plot_attention_heads(image: torch.Tensor, maps: torch.Tensor, maps_mirror: torch.Tensor, perm: torch.Tensor,
+                         tokens: torch.Tensor, map_residual: list[float], path: Path, *, title: str) -> Path:
     """Per head (rows): the attention map on an image, on its mirror image, and the prediction of the head action
     (head ``perm[h]`` on the image, with tokens mirrored). The first column shows the image and its mirror.
 
-    ``maps``, ``maps_mirror``: ``(h, T, T)``; ``action``: the :class:`~layerwise.hidden.HeadAction` of the flip.
+    ``maps``, ``maps_mirror``: ``(h, T, T)``; ``perm``: the head permutation of the flip; ``tokens``: its token
+    permutation.
     """
     h = maps.shape[0]
-    p = action.tokens
-    predicted = maps[action.perm][:, p][:, :, p]
+    p = tokens
+    predicted = maps[perm][:, p][:, :, p]
     fig, axes = plt.subplots(h, 4, figsize=(8.4, 2.05 * h + 0.4), squeeze=False)
     img = image.detach().double().cpu().numpy()
     panels = [(0, img, "digit"), (1, img[:, ::-1], "mirror image")]
@@ -177,7 +178,7 @@ def plot_attention_heads(image: torch.Tensor, maps: torch.Tensor, maps_mirror: t
             axes[row, 0].set_yticks([])
     vmax = float(torch.cat([maps, maps_mirror]).max())
     for j in range(h):
-        src = int(action.perm[j])
+        src = int(perm[j])
         kind = "assigned: fixed" if src == j else f"assigned: swap with {src}"
         cols = [(maps[j], f"head {j} on digit"), (maps_mirror[j], f"head {j} on mirror"),
                 (predicted[j], f"head {src} on digit, mirrored")]

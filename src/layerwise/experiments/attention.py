@@ -7,12 +7,9 @@ permutes the tokens and mirrors every patch (:func:`layerwise.testing.patch_gene
 reconstructing every patch; the tanh decoder makes the heads' value outputs identifiable (a linear map to 4 pixels
 alone would see only a 4-dimensional shadow of them).
 
-Two residuals per head, both against the head permutation ``pi`` that :func:`layerwise.extract` finds:
-
-- ``score``: the weight-level residual of ``Mhat^T B_h Mhat = B_{pi(h)}`` (:attr:`HeadAction.score_residual`);
-- ``map``: on test images, ``|A_h(g x) - P A_{pi(h)}(x) P^T| / |A_h(g x) - U|`` (Frobenius, mean over images;
-  ``U`` uniform attention, so that structureless maps do not pass for equivariant ones): does head ``h`` on the
-  mirrored image attend as head ``pi(h)`` does on the image, mirrored?
+Per head, :func:`layerwise.head_metrics` measures the head permutation ``pi`` that the weights give against the
+weights (score and value residuals) and against the attention maps of test images (``A_h(g x)`` against head
+``pi(h)`` on ``x``, mirrored, relative to the map's distance from uniform attention).
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import extract
+from .. import extract, head_metrics
+from ..hidden import HeadAction
 from ..nn import PositionalEncoding, SelfAttention
 from ..testing import patch_generators, planted_attention
 from .digits import DigitsData
@@ -90,28 +88,15 @@ def head_maps(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 
 def head_report(model: nn.Sequential, generators: dict, tokens: torch.Tensor) -> dict:
-    """Head permutation, per-head score residuals and attention-map residuals for the (single) generator."""
-    (name, (act, _)), = generators.items()
-    res = extract(model, generators, canonical=False)
-    att_layer = next(i for i, f in enumerate(res.families) if f.startswith("attention"))
-    k = res.latent[att_layer][name]
-    maps, maps_g = head_maps(model, tokens), head_maps(model, act.apply(tokens))
-    p = k.tokens
-    predicted = maps[:, k.perm][:, :, p][:, :, :, p]  # head pi(h) on x, mirrored
-    # relative to the map's structure (its distance from uniform attention), so that near-uniform maps, which match
-    # any permutation, do not look equivariant
-    structure = (maps_g - 1.0 / maps_g.shape[-1]).flatten(2).norm(dim=2)
-    err = (maps_g - predicted).flatten(2).norm(dim=2) / structure.clamp_min(1e-12)
-    return {
-        "perm": k.perm.tolist(),
-        "cycle_type": k.cycle_type(),
-        "score_residual": k.score_residual.tolist(),
-        "value_residual": k.value_residual.tolist(),
-        "map_residual": err.mean(0).tolist(),
-        "certified": res.equivariant,
-        "residual": res.residual,
-        "action": k,
-    }
+    """Head permutation and per-head residuals (:func:`layerwise.head_metrics`) of the first attention layer for the
+    (single) generator, as lists indexed by head."""
+    rows = head_metrics(model, generators, tokens)
+    first = min(r.layer for r in rows)
+    rows = sorted((r for r in rows if r.layer == first), key=lambda r: r.head)
+    perm = torch.tensor([r.partner for r in rows])
+    cycle_type = HeadAction(perm, torch.ones(len(rows), 1, 1)).cycle_type()
+    return {"perm": perm.tolist(), "cycle_type": cycle_type, "score_residual": [r.score for r in rows],
+            "value_residual": [r.value for r in rows], "map_residual": [r.map for r in rows]}
 
 
 def run_attention(out: Path, data: DigitsData, *, quick: bool = False, seed: int = 0,
@@ -151,13 +136,12 @@ def run_attention(out: Path, data: DigitsData, *, quick: bool = False, seed: int
                            f"augmentation; test reconstruction error {rec:.3f} relative):"))
     main = reports["trained, left-right"]
     img = data.x_test[0]
+    flip = lr_flip["hflip"][0]
     path = plot_attention_heads(
-        img.reshape(8, 8), head_maps(model, test[:1])[0], head_maps(model, lr_flip["hflip"][0].apply(test[:1]))[0],
-        main["action"], main["map_residual"], out / "attention_heads.png",
+        img.reshape(8, 8), head_maps(model, test[:1])[0], head_maps(model, flip.apply(test[:1]))[0],
+        torch.tensor(main["perm"]), torch.as_tensor(flip.tokens), main["map_residual"], out / "attention_heads.png",
         title="Attention maps of each head on a digit and on its mirror image (rows: queries, columns: keys, "
               "tokens = 2x2 patches in grid order)")
-    for r in reports.values():
-        r.pop("action")
     return {"planted": {"certified": exact.equivariant, "residual": exact.residual,
                         "cycle_type": exact.latent[0]["hflip"].cycle_type()},
             "epochs": epochs, "final_loss": losses[-1], "test_relative_error": rec, "heads": reports,

@@ -174,8 +174,8 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
             "naive_average, align and layerwise_metrics do not apply: the group average of a head's score form "
             "Q_h K_h^T has rank up to |G| d_head, which no head of the same size holds, and averaging Q_h and K_h "
             "separately would need their GL(d_head) alignment, which no function determines. For a trained "
-            "attention model, extract's per-head residuals (HeadAction.score_residual, .value_residual) measure "
-            "how far each head is from the head-permutation action"
+            "attention model, layerwise.head_metrics measures how far each head is from the head-permutation "
+            "action, on the weights and on the attention maps of data"
         )
     blocks: list[DenseBlock] = []
     dtype: torch.dtype | None = None
