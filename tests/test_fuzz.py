@@ -153,3 +153,44 @@ def test_cli_exits_cleanly(files, argv, tmp_path_factory, capsys):
         code = exc.code
     capsys.readouterr()
     assert code in (0, 1, 2)
+
+
+def _token_action():
+    perms = st.one_of(st.none(), st.just(torch.arange(16).flip(0)), st.just(torch.arange(9)),
+                      st.just([0.5] * 16), st.just(torch.zeros(4, 4, dtype=torch.long)), st.just("tokens"),
+                      SIZES.map(lambda n: torch.randperm(n)))
+    feats = st.one_of(st.none(), st.just(torch.arange(8).flip(0)), st.just(torch.eye(8)), st.just(torch.zeros(8, 8)),
+                      st.just(torch.arange(5)), st.just(torch.full((8, 8), float("nan"))), st.just("hflip"))
+    return st.one_of(st.builds(layerwise.TokenAction, perms, feats), feats)
+
+
+def _token_model():
+    from layerwise.nn import PositionalEncoding, SelfAttention
+
+    pieces = st.sampled_from([
+        lambda: PositionalEncoding(16, 8), lambda: PositionalEncoding(9, 8), lambda: SelfAttention(8, 2),
+        lambda: SelfAttention(8, 4, bias=False), lambda: nn.Linear(8, 8), lambda: nn.Linear(8, 5), lambda: nn.Tanh(),
+        lambda: nn.ReLU(), lambda: nn.Flatten(), lambda: nn.LayerNorm(8), lambda: SelfAttention(8, 2).half(),
+        lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+    ])
+    return st.lists(pieces, min_size=1, max_size=5).map(lambda fs: nn.Sequential(*(f() for f in fs)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=_token_model(), act_in=_token_action(), act_out=_token_action(),
+       data=st.sampled_from([torch.randn(3, 16, 8), torch.randn(3, 9, 8), torch.randn(3, 8), torch.randn(0, 16, 8)]),
+       canonical=st.booleans())
+def test_token_models_raise_only_layerwise_error(model, act_in, act_out, data, canonical):
+    """Attention models with malformed pieces, generators and data: only LayerwiseError, the model untouched."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gens = {"g": (act_in, act_out)}
+    calls = [lambda: layerwise.extract(model, gens, canonical=canonical),
+             lambda: layerwise.equivariance_error(model, gens, data),
+             lambda: layerwise.head_metrics(model, gens, data),
+             lambda: layerwise.symmetrize(model, gens)]
+    for call in calls:
+        try:
+            call()
+        except LayerwiseError:
+            pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -70,7 +70,7 @@ def _forward(model: nn.Module, x: torch.Tensor, where: str = "inputs") -> torch.
     """Run the model; a shape or dtype mismatch deep inside torch becomes a LayerwiseError naming the inputs."""
     try:
         return model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # torch asserts shapes too
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LayerwiseError(
             f"{where}: the model cannot run on a batch of shape {tuple(x.shape)} ({first_line})"

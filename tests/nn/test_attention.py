@@ -43,7 +43,7 @@ def test_bad_arguments_and_shapes_are_named():
         SelfAttention(10, 3)
     with pytest.raises(LayerwiseError, match="num_heads"):
         SelfAttention(8, 0)
-    with pytest.raises(LayerwiseError, match=r"\(N, T, d\)"):
+    with pytest.raises(LayerwiseError, match=r"\(N, T, 8\)"):
         SelfAttention(8, 2)(torch.randn(3, 8))
     pe = PositionalEncoding(5, 3)
     with pytest.raises(LayerwiseError, match=r"\(N, 5, 3\)"):

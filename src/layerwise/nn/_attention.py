@@ -77,8 +77,9 @@ class SelfAttention(nn.Module):
         return int(self.attn.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 3:
-            raise LayerwiseError(f"SelfAttention: expected tokens of shape (N, T, d), got {tuple(x.shape)}")
+        if x.ndim != 3 or x.shape[-1] != self.attn.embed_dim:
+            raise LayerwiseError(f"SelfAttention: expected tokens of shape (N, T, {self.attn.embed_dim}), got "
+                                 f"{tuple(x.shape)}")
         return self.attn(x, x, x, need_weights=False)[0]
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
