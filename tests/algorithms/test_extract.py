@@ -239,3 +239,46 @@ def test_meta_device_weights_are_refused():
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     with pytest.raises(LayerwiseError, match="meta device"):
         layerwise.extract(model, {"g": (None, None)})
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "power3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_key_only_first_sweep_is_taken_and_agrees_with_the_full_one(activation, dtype, monkeypatch):
+    """On an equivariant network the first sweep matches on keys alone (one full sweep in all, the final one), and
+    the result equals the one with full verification in both sweeps. A perturbed network falls back to the full
+    sweeps and is located as before."""
+    from layerwise.algorithms import _extract
+
+    model, planted = planted_mlp(activation, group="d4", image=4, widths=(24, 16), seed=4, dtype=dtype)
+    calls = []
+    real = _extract._sweep
+    monkeypatch.setattr(_extract, "_sweep", lambda *a, **k: calls.append(k.get("known")) or real(*a, **k))
+    quick = layerwise.extract(model, planted.generators)
+    assert quick.equivariant and len(calls) == 1 and calls[0] is not None
+    full = _extract._extract_dense(model, planted.generators, None, 1024, True, None, quick=False)
+    assert full.equivariant
+    for a, b in zip(quick.latent, full.latent):
+        for name in a:
+            assert torch.equal(a[name].perm, b[name].perm) and a[name].distance(b[name]) < 1e-6
+    calls.clear()
+    bad = perturb(model, 1e-2 if dtype == torch.float32 else 1e-5, seed=1)
+    res = layerwise.extract(bad, planted.generators)
+    ref = _extract._extract_dense(bad, planted.generators, None, 1024, True, None, quick=False)
+    assert not res.equivariant and res.failed_layer == ref.failed_layer and res.first_failure == ref.first_failure
+
+
+@pytest.mark.parametrize("scales", ["one", "sign", "positive", "nonzero"])
+def test_moved_keys_equal_the_keys_of_the_moved_rows(scales):
+    """The keys of [W K | W c + b] are computed without building it; they must equal the keys of the built rows,
+    for monomial actions with scales and offsets."""
+    from layerwise.algorithms._extract import _moved_keys, transformed_rows
+    from layerwise.algorithms._match import row_keys
+    from layerwise.hidden import LatentAction
+
+    g = torch.Generator().manual_seed(0)
+    aug = torch.randn(30, 41, generator=g, dtype=torch.float64)
+    act = LatentAction(torch.randperm(40, generator=g), torch.randn(40, generator=g, dtype=torch.float64),
+                       torch.randn(40, generator=g, dtype=torch.float64))
+    _, keys = _moved_keys(aug, act, scales, seed=3)
+    ref = row_keys(transformed_rows(aug, act), scales, seed=3)
+    assert torch.allclose(keys, ref, atol=1e-12)

@@ -20,7 +20,7 @@ from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseBlock, DenseNet, parse_dense
-from ._match import _chunks, match_rows, verify_rows
+from ._match import _chunks, canonical_keys, key_directions, match_rows, nearest_keys, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
 #: Certificate tolerance on the worst relative residual, by the model's dtype.
@@ -104,6 +104,75 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known
         rho_out = torch.as_tensor(group.rho_out[h], dtype=torch.float64, device=device)
         output[name] = _output_residual(net.blocks[-1], prev, rho_out)
     return _Sweep(actions, residuals, output, fallbacks)
+
+
+def _moved_keys(aug: torch.Tensor, prev, scales: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw key projections and canonical keys of the rows ``[W K | W c + b]`` without building them: for a monomial
+    ``K``, ``[W K | W c + b] D = [W | b] Q`` with ``Q = [K D_w + c d_b ; d_b]`` (one matmul), and the row norms
+    come from ``(W * W) @ scale^2``, chunk by chunk."""
+    d = key_directions(aug.shape[1], aug, seed)
+    if not isinstance(prev, LatentAction):  # the input action of the first layer: its rows are few columns wide
+        moved = transformed_rows(aug, prev)
+        proj = moved @ d
+        norms = torch.linalg.vector_norm(moved, dim=1) if scales in ("positive", "nonzero") else None
+        return proj, canonical_keys(proj, norms, scales)
+    perm = prev.perm.to(aug.device)
+    scale = prev.scale.to(device=aug.device, dtype=aug.dtype)
+    offset = prev.offset64.to(device=aug.device, dtype=aug.dtype)
+    q = torch.empty_like(d)
+    q[:-1] = d[:-1][perm] * scale[:, None] + offset[:, None] * d[-1]  # (K D_w)[j] = scale_j D_w[perm_j]
+    q[-1] = d[-1]
+    proj = aug @ q
+    norms = None
+    if scales in ("positive", "nonzero"):
+        w = aug[:, :-1]
+        kappa2 = scale * scale  # |(W K)_r|^2 = sum_j W_rj^2 scale_j^2: column perm[j] of W K is scale_j W[:, j]
+        shifted = w @ offset + aug[:, -1]
+        sq = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
+            sq[sl] = (w[sl] * w[sl]) @ kappa2
+        norms = (sq + shifted * shifted).sqrt()
+    return proj, canonical_keys(proj, norms, scales)
+
+
+def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float) -> _Sweep | None:
+    """The first sweep on keys alone: each moved row is matched to the row with the nearest key (random
+    projections of canonical representatives), and its factor is read off the projections. No full row is read
+    twice; :func:`extract` then verifies everything in its final sweep. Returns None (the full sweep is needed)
+    when a key is not matched within ``10 tol``, two rows claim one partner, or the network has nonlinear maps
+    between layers (max pooling)."""
+    if net.post:
+        return None
+    actions: list[dict[str, LatentAction]] = [{} for _ in net.hidden]
+    residuals: list[dict[str, float]] = [{} for _ in net.hidden]
+    device = net.blocks[0].weight.device
+    for name in group.names:
+        h = group.generator_index(name)
+        prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
+        for i, blk in enumerate(net.hidden):
+            n = blk.width
+            scales = blk.family.scales
+            pa = blk.aug @ key_directions(blk.aug.shape[1], blk.aug, 0)
+            na = (torch.linalg.vector_norm(blk.aug, dim=1) if scales in ("positive", "nonzero") else None)
+            ka = canonical_keys(pa, na, scales)
+            pb, kb = _moved_keys(blk.aug, prev, scales, 0)
+            choice = nearest_keys(ka, kb) if n else torch.zeros(0, dtype=torch.long, device=device)
+            if n and torch.unique(choice).numel() != n:
+                return None
+            gap = (kb - ka[choice]).norm(dim=1) / torch.maximum(kb.norm(dim=1), ka[choice].norm(dim=1)).clamp_min(
+                1e-300)
+            worst = float(gap.max()) if n else 0.0
+            if not worst <= 10 * tol:
+                return None
+            dot = (pa[choice] * pb).sum(1)
+            s = {"one": torch.ones_like(dot), "sign": torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)}.get(scales)
+            if s is None:  # proportional rows: the ratio of their projections
+                s = dot / (pa[choice] * pa[choice]).sum(1).clamp_min(1e-300)
+            mult, off = blk.family.latent(s.double())
+            prev = LatentAction(choice, mult, off, dtype=net.dtype)
+            actions[i][name] = prev
+            residuals[i][name] = worst
+    return _Sweep(actions, residuals, {name: 0.0 for name in group.names}, 0)
 
 
 def extend_to_group(group: FiniteGroup, gens: dict[str, LatentAction]) -> tuple[list[LatentAction], float]:
@@ -322,6 +391,15 @@ def extract(
             raise LayerwiseError("input_shape: a CNN needs the (C, H, W) shape of one input image")
         return extract_cnn(model, generators, input_shape=input_shape, tol=tol, max_group_order=max_group_order,
                            canonical=canonical)
+    return _extract_dense(model, generators, tol, max_group_order, canonical, device, quick=True)
+
+
+def _extract_dense(model: nn.Module, generators: dict, tol, max_group_order: int, canonical: bool, device,
+                   quick: bool) -> ExtractionResult:
+    """:func:`extract` on a dense model. With ``quick`` the first sweep matches rows on keys only
+    (:func:`_quick_sweep`); when that is not possible, or when the final sweep (which verifies every row of the
+    returned model) fails after it, everything is redone with full verification in both sweeps, so a failure is
+    always located by the full sweep."""
     net = parse_dense(model, device=device)
     if tol is None:
         tol = DEFAULT_TOL[net.dtype]
@@ -330,11 +408,16 @@ def extract(
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
     reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype])
 
-    first = _sweep(reduced, group, tol, canonical=False)
+    first = _quick_sweep(reduced, group, tol) if quick else None
+    if first is None:
+        quick = False
+        first = _sweep(reduced, group, tol, canonical=False)
     extended = [extend_to_group(group, acts) for acts in first.actions]
     group_latent = [e[0] for e in extended]
     hom = max((e[1] for e in extended), default=0.0)
     failure, failed = _first_failure(first, tol, hom, reduced)
+    if failure is not None and quick:  # key gaps are not residuals: locate the failure with the full sweep
+        return _extract_dense(model, generators, tol, max_group_order, canonical, device, quick=False)
     if failure is None and canonical:
         _canonical_parameters(reduced, group, group_latent)
     out_model = reduced.to_module()
@@ -346,6 +429,8 @@ def extract(
         group_latent = [e[0] for e in extended]
         hom = max((e[1] for e in extended), default=0.0)
         failure, failed = _first_failure(sweep, tol, hom, final_net)
+        if failure is not None and quick:
+            return _extract_dense(model, generators, tol, max_group_order, canonical, device, quick=False)
     # relations are only meaningful when every generator's sweep succeeded
     sweep_failed = failed is not None
     worst = max(

@@ -35,21 +35,45 @@ def _directions(d: int, k: int, like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(d, k, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
+def key_directions(d: int, like: torch.Tensor, seed: int) -> torch.Tensor:
+    """The ``(d, _N_PROJ + 1)`` random directions of :func:`row_keys` (the first one only decides signs)."""
+    return _directions(d, _N_PROJ + 1, like, seed)
+
+
+def canonical_keys(proj: torch.Tensor, norms: torch.Tensor | None, scales: str) -> torch.Tensor:
+    """Keys from raw projections ``rows @ key_directions(...)`` and the rows' norms (needed for positive and
+    nonzero scales): the projection of each row's canonical representative under the scale group."""
+    if scales == "one":
+        return proj[:, 1:]
+    factor = torch.ones(proj.shape[0], dtype=proj.dtype, device=proj.device)
+    if scales in ("sign", "nonzero"):
+        factor = torch.where(proj[:, 0] >= 0, 1.0, -1.0).to(proj.dtype)
+    if scales in ("positive", "nonzero"):
+        factor = factor / norms.clamp_min(1e-300)
+    if scales not in SCALE_GROUPS:
+        raise ValueError(f"unknown scale group {scales!r}")
+    return proj[:, 1:] * factor[:, None]
+
+
 def row_keys(rows: torch.Tensor, scales: str, seed: int) -> torch.Tensor:
     """Projections of each row's canonical representative under the scale group onto ``_N_PROJ`` fixed random
     directions. The representative removes the norm (positive, nonzero) and the sign (sign, nonzero; the sign
     that makes a further random projection positive), so rows in one orbit get equal keys. One matmul, no copy."""
-    proj = rows @ _directions(rows.shape[1], _N_PROJ + 1, rows, seed)
-    if scales == "one":
-        return proj[:, 1:]
-    factor = torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
-    if scales in ("sign", "nonzero"):
-        factor = torch.where(proj[:, 0] >= 0, 1.0, -1.0).to(rows.dtype)
-    if scales in ("positive", "nonzero"):
-        factor = factor / torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-300)
-    if scales not in SCALE_GROUPS:
-        raise ValueError(f"unknown scale group {scales!r}")
-    return proj[:, 1:] * factor[:, None]
+    proj = rows @ key_directions(rows.shape[1], rows, seed)
+    norms = torch.linalg.vector_norm(rows, dim=1) if scales in ("positive", "nonzero") else None
+    return canonical_keys(proj, norms, scales)
+
+
+def nearest_keys(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """For each key of ``kb``, the index of the nearest key of ``ka`` among those next to it in the order of the
+    first coordinate (a window of ``2 * _WINDOW``)."""
+    n = ka.shape[0]
+    order = torch.argsort(ka[:, 0])
+    pos = torch.searchsorted(ka[order, 0].contiguous(), kb[:, 0].contiguous())
+    offsets = torch.arange(-_WINDOW, _WINDOW, device=ka.device)
+    cand = order[(pos[:, None] + offsets[None, :]).clamp(0, n - 1)]  # (n, 2w)
+    dist = (kb[:, None, :] - ka[cand]).norm(dim=2)
+    return cand[torch.arange(n, device=ka.device), dist.argmin(1)]
 
 
 def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
@@ -137,13 +161,7 @@ def match_rows(
         return RowMatch(torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0)
     ka = row_keys(A, scales, seed)
     kb = row_keys(B, scales, seed)
-    order = torch.argsort(ka[:, 0])
-    sorted_keys = ka[order, 0].contiguous()
-    pos = torch.searchsorted(sorted_keys, kb[:, 0].contiguous())
-    offsets = torch.arange(-_WINDOW, _WINDOW, device=device)
-    cand = order[(pos[:, None] + offsets[None, :]).clamp(0, n - 1)]  # (n, 2w)
-    dist = (kb[:, None, :] - ka[cand]).norm(dim=2)
-    choice = cand[torch.arange(n, device=device), dist.argmin(1)]
+    choice = nearest_keys(ka, kb)
     s, res = scaled_residual(A, B, choice, scales)
 
     ok = res <= tol
