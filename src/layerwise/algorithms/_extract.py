@@ -146,15 +146,19 @@ def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float) -> _Sweep | None
     actions: list[dict[str, LatentAction]] = [{} for _ in net.hidden]
     residuals: list[dict[str, float]] = [{} for _ in net.hidden]
     device = net.blocks[0].weight.device
+    own = []  # each layer's own keys, shared by all generators
+    for blk in net.hidden:
+        pa = blk.aug @ key_directions(blk.aug.shape[1], blk.aug, 0)
+        homogeneous = blk.family.scales in ("positive", "nonzero")
+        own.append((pa, canonical_keys(pa, torch.linalg.vector_norm(blk.aug, dim=1) if homogeneous else None,
+                                       blk.family.scales)))
     for name in group.names:
         h = group.generator_index(name)
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             n = blk.width
             scales = blk.family.scales
-            pa = blk.aug @ key_directions(blk.aug.shape[1], blk.aug, 0)
-            na = (torch.linalg.vector_norm(blk.aug, dim=1) if scales in ("positive", "nonzero") else None)
-            ka = canonical_keys(pa, na, scales)
+            pa, ka = own[i]
             pb, kb = _moved_keys(blk.aug, prev, scales, 0)
             choice = nearest_keys(ka, kb) if n else torch.zeros(0, dtype=torch.long, device=device)
             if n and torch.unique(choice).numel() != n:
