@@ -410,7 +410,7 @@ def _extract_dense(model: nn.Module, generators: dict, tol, max_group_order: int
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise LayerwiseError(f"tol: expected a positive finite number, got {tol!r}")
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
-    reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype])
+    reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype], inplace=True)  # net is ours: no copy
 
     first = _quick_sweep(reduced, group, tol) if quick else None
     if first is None:

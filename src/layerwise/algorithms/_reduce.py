@@ -173,11 +173,12 @@ def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float) -> list[tupl
     return sorted(set(out))
 
 
-def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerReduction]]:
+def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> tuple[DenseNet, list[LayerReduction]]:
     """Remove dead units, fold constant units and merge duplicated units in every hidden layer.
 
     Args:
-        net: parsed network (not modified).
+        net: parsed network (not modified, unless ``inplace``: then its arrays are reused, which saves a copy of
+            every weight when the caller has no further use for it).
         tol: relative tolerance: a weight vector is zero when its norm is at most ``tol`` times the largest in
             its layer; two rows are duplicates when their relative residual under the best allowed factor is at
             most ``tol``.
@@ -185,7 +186,8 @@ def reduce_to_submodel(net: DenseNet, tol: float) -> tuple[DenseNet, list[LayerR
     Returns:
         The reduced network (same function) and one :class:`LayerReduction` per hidden layer.
     """
-    net = net.copy()
+    if not inplace:
+        net = net.copy()
     reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
     alive = [torch.ones(b.width, dtype=torch.bool, device=b.aug.device) for b in net.hidden]
     colsq: list = [None] * len(net.hidden)
