@@ -19,7 +19,7 @@ from torch import nn
 from .._errors import LayerwiseError
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
-from ..layers import DenseBlock, DenseNet, parse_dense
+from ..layers import DenseNet, parse_dense
 from ._match import _chunks, canonical_keys, key_directions, match_rows, nearest_keys, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
@@ -29,9 +29,10 @@ DEFAULT_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}
 REDUCE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> torch.Tensor:
+def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:
     """``[W K | W c + b]``: the rows ``aug = [W | b]`` seen through the input action ``K z + c`` (a monomial
-    :class:`LatentAction`, or a dense matrix with ``c = 0``)."""
+    :class:`LatentAction` with its own offset, or a dense matrix ``K`` with ``c = offset``, zero by default)."""
     w = aug[:, :-1]
     out = torch.empty_like(aug)
     if isinstance(prev, LatentAction):
@@ -50,12 +51,16 @@ def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor) -> to
         # small (d_in columns): exact enough in float64
         out[:, :-1] = (w.double() @ prev.to(device=w.device, dtype=torch.float64)).to(w.dtype)
         out[:, -1] = aug[:, -1]
+        if offset is not None:
+            out[:, -1] += w @ offset.to(device=w.device, dtype=w.dtype)
     return out
 
 
-def _output_residual(block: DenseBlock, prev, rho_out: torch.Tensor) -> float:
-    got = transformed_rows(block.aug, prev)
-    want = (rho_out.double() @ block.aug.double()).to(got.dtype)
+def output_residual(aug: torch.Tensor, prev, rho_out: torch.Tensor, offset: torch.Tensor | None = None) -> float:
+    """Worst relative row residual of the output layer ``aug`` seen through the last latent action (``prev``, with
+    ``offset`` for a dense matrix) against ``rho_out [W | b]``; rows below 1e-3 of the largest use that floor."""
+    got = transformed_rows(aug, prev, offset)
+    want = (rho_out.double() @ aug.double()).to(got.dtype)
     err = (got - want).norm(dim=1)
     norms = torch.maximum(got.norm(dim=1), want.norm(dim=1))
     floor = 1e-3 * float(norms.max()) if norms.numel() else 0.0
@@ -102,7 +107,7 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known
                     carried = net.post[i].fallback(prev)
                 prev = carried
         rho_out = torch.as_tensor(group.rho_out[h], dtype=torch.float64, device=device)
-        output[name] = _output_residual(net.blocks[-1], prev, rho_out)
+        output[name] = output_residual(net.blocks[-1].aug, prev, rho_out)
     return _Sweep(actions, residuals, output, fallbacks)
 
 

@@ -37,7 +37,14 @@ from ..layers import AttentionBlock, DenseBlock, TokenNet, parse_tokens
 from ..layers._attention import drop_query_terms
 from ..layers._dense import check_device
 from ..nn import PositionalEncoding, SelfAttention
-from ._extract import DEFAULT_TOL, ExtractionResult, canonical_factors, extend_to_group
+from ._extract import (
+    DEFAULT_TOL,
+    ExtractionResult,
+    canonical_factors,
+    extend_to_group,
+    output_residual,
+    transformed_rows,
+)
 from ._match import match_rows
 from ._reduce import duplicate_units
 
@@ -77,9 +84,7 @@ def identify_heads(blk: AttentionBlock, mhat: torch.Tensor, tokens: torch.Tensor
 
 
 def _dense_step(blk: DenseBlock, mat: torch.Tensor, off: torch.Tensor, tol: float, scales: str):
-    w, b = blk.aug[:, :-1], blk.aug[:, -1]
-    moved = torch.cat([w @ mat, (w @ off + b)[:, None]], 1)
-    m = match_rows(blk.aug, moved, scales, tol)
+    m = match_rows(blk.aug, transformed_rows(blk.aug, mat, off), scales, tol)
     mult, shift = blk.family.latent(m.scale)
     return LatentAction(m.perm, mult, shift), m.worst
 
@@ -119,13 +124,7 @@ def _sweep(net: TokenNet, group: FiniteGroup, t: int, tol: float, canonical: boo
                 mat, off = act.matrix, act.offset
             actions[i][name] = act
             residuals[i][name] = worst
-        rho_out = torch.as_tensor(group.rho_out[h])[t:, t:]
-        a, b = net.out[:, :-1], net.out[:, -1]
-        got = torch.cat([a @ mat, (a @ off + b)[:, None]], 1)
-        want = rho_out @ net.out
-        err = (got - want).norm(dim=1)
-        ref = torch.maximum(got.norm(dim=1), want.norm(dim=1))
-        output[name] = float(_relative(err, ref, 1e-3 * float(ref.max())).max()) if err.numel() else 0.0
+        output[name] = output_residual(net.out, mat, torch.as_tensor(group.rho_out[h])[t:, t:], off)
     return actions, residuals, output
 
 

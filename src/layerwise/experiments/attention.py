@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import extract, head_metrics
-from ..hidden import HeadAction
+from ..hidden._monomial import permutation_cycles
 from ..nn import PositionalEncoding, SelfAttention
 from ..testing import patch_generators, planted_attention
 from .digits import DigitsData
@@ -93,9 +93,9 @@ def head_report(model: nn.Sequential, generators: dict, tokens: torch.Tensor) ->
     rows = head_metrics(model, generators, tokens)
     first = min(r.layer for r in rows)
     rows = sorted((r for r in rows if r.layer == first), key=lambda r: r.head)
-    perm = torch.tensor([r.partner for r in rows])
-    cycle_type = HeadAction(perm, torch.ones(len(rows), 1, 1)).cycle_type()
-    return {"perm": perm.tolist(), "cycle_type": cycle_type, "score_residual": [r.score for r in rows],
+    perm = [r.partner for r in rows]
+    cycle_type = sorted(len(c) for c in permutation_cycles(perm))
+    return {"perm": perm, "cycle_type": cycle_type, "score_residual": [r.score for r in rows],
             "value_residual": [r.value for r in rows], "map_residual": [r.map for r in rows]}
 
 

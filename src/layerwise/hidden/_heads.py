@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._monomial import cycle_counts, permutation_cycles
+
 
 class HeadAction:
     """``(k z)_h = mats[h] @ z[perm[h]] + offset[h]`` on the concatenated head outputs.
@@ -95,18 +97,7 @@ class HeadAction:
 
     def cycles(self) -> list[list[int]]:
         """Cycles of the head permutation, as lists of head indices."""
-        perm = self.perm.tolist()
-        seen = [False] * len(perm)
-        out = []
-        for start in range(len(perm)):
-            if not seen[start]:
-                cyc, j = [], start
-                while not seen[j]:
-                    seen[j] = True
-                    cyc.append(j)
-                    j = perm[j]
-                out.append(cyc)
-        return out
+        return permutation_cycles(self.perm.tolist())
 
     def cycle_type(self) -> list[int]:
         """Sorted cycle lengths of the head permutation (``[1, 1, 2]``: two fixed heads and a swapped pair)."""
@@ -119,13 +110,7 @@ class HeadAction:
 
     def summary(self) -> str:
         """E.g. ``'heads: 2 fixed, 1 swapped pair; per-head maps orthogonal'``."""
-        lengths: dict[int, int] = {}
-        for c in self.cycles():
-            lengths[len(c)] = lengths.get(len(c), 0) + 1
-        parts = [f"{lengths.pop(1, 0)} fixed"]
-        for length in sorted(lengths):
-            label = "swapped pairs" if length == 2 else f"{length}-cycles"
-            parts.append(f"{lengths[length]} {label}")
+        parts = cycle_counts(self.cycles())
         ortho = self.orthogonality()
         maps = "per-head maps orthogonal" if ortho < 1e-6 else f"per-head maps not orthogonal ({ortho:.2g})"
         traces = ", ".join(f"{float(self.mats[j].trace()):+.2g}" for c in self.cycles() if len(c) == 1

@@ -10,6 +10,33 @@ from __future__ import annotations
 import torch
 
 
+def permutation_cycles(perm: list[int]) -> list[list[int]]:
+    """The cycles of a permutation given as ``perm[j]`` = the index position ``j`` reads, each from its smallest
+    unvisited start."""
+    seen = [False] * len(perm)
+    out = []
+    for start in range(len(perm)):
+        if not seen[start]:
+            cyc, j = [], start
+            while not seen[j]:
+                seen[j] = True
+                cyc.append(j)
+                j = perm[j]
+            out.append(cyc)
+    return out
+
+
+def cycle_counts(cycles: list[list[int]]) -> list[str]:
+    """``['3 fixed', '2 swapped pairs', '1 4-cycles']``: how many cycles of each length."""
+    lengths: dict[int, int] = {}
+    for c in cycles:
+        lengths[len(c)] = lengths.get(len(c), 0) + 1
+    parts = [f"{lengths.pop(1, 0)} fixed"]
+    for length in sorted(lengths):
+        parts.append(f"{lengths[length]} {'swapped pairs' if length == 2 else f'{length}-cycles'}")
+    return parts
+
+
 class LatentAction:
     """A monomial affine action ``z -> z @ matrix.T + offset`` with ``matrix[j, perm[j]] = scale[j]``.
 
@@ -97,34 +124,16 @@ class LatentAction:
 
     def cycles(self) -> list[list[int]]:
         """The cycles of the permutation part, as lists of unit indices."""
-        perm = self.perm.tolist()
-        seen = [False] * len(perm)
-        out = []
-        for start in range(len(perm)):
-            if seen[start]:
-                continue
-            cyc = []
-            j = start
-            while not seen[j]:
-                seen[j] = True
-                cyc.append(j)
-                j = perm[j]
-            out.append(cyc)
-        return out
+        return permutation_cycles(self.perm.tolist())
 
     def summary(self) -> str:
         """Cycle type and signs, e.g. ``'12 fixed (2 negated), 10 swapped pairs'``."""
         cyc = self.cycles()
         fixed = [c[0] for c in cyc if len(c) == 1]
         neg_fixed = sum(1 for j in fixed if self.scale[j] < 0)
-        lengths: dict[int, int] = {}
-        for c in cyc:
-            if len(c) > 1:
-                lengths[len(c)] = lengths.get(len(c), 0) + 1
-        parts = [f"{len(fixed)} fixed" + (f" ({neg_fixed} negated)" if neg_fixed else "")]
-        for length in sorted(lengths):
-            label = "swapped pairs" if length == 2 else f"{length}-cycles"
-            parts.append(f"{lengths[length]} {label}")
+        parts = cycle_counts(cyc)
+        if neg_fixed:
+            parts[0] += f" ({neg_fixed} negated)"
         neg = int((self.scale < 0).sum())
         if neg:
             parts.append(f"{neg} sign flips")
