@@ -30,20 +30,22 @@ REDUCE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor,
-                     offset: torch.Tensor | None = None) -> torch.Tensor:
+                     offset: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[W K | W c + b]``: the rows ``aug = [W | b]`` seen through the input action ``K z + c`` (a monomial
-    :class:`LatentAction` with its own offset, or a dense matrix ``K`` with ``c = offset``, zero by default)."""
+    :class:`LatentAction` with its own offset, or a dense matrix ``K`` with ``c = offset``, zero by default).
+    ``out`` (same shape and dtype, not overlapping ``aug``) is written and returned instead of a new tensor: wide
+    layers reuse one buffer, since a fresh 64 MB tensor costs more in page faults than filling it."""
     w = aug[:, :-1]
-    out = torch.empty_like(aug)
+    if out is None:
+        out = torch.empty_like(aug)
     if isinstance(prev, LatentAction):
-        # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: a column gather, done by chunks of rows that stay in cache
+        # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: one gather with a broadcast index (3x faster than a
+        # column index_select, which is strided here)
         inv = torch.argsort(prev.perm).to(w.device)  # actions found on the CPU (alignment) may meet weights elsewhere
         col_scale = prev.scale.to(device=w.device, dtype=w.dtype)[inv]
-        unit = bool(torch.all(col_scale == 1))
-        for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
-            torch.index_select(w[sl], 1, inv, out=out[sl, :-1])
-            if not unit:
-                out[sl, :-1] *= col_scale
+        torch.gather(w, 1, inv.expand(w.shape[0], -1), out=out[:, :-1])
+        if not bool(torch.all(col_scale == 1)):
+            out[:, :-1] *= col_scale
         out[:, -1] = aug[:, -1]
         if torch.any(prev.offset64 != 0):
             out[:, -1] += w @ prev.offset64.to(device=w.device, dtype=w.dtype)
@@ -85,12 +87,14 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known
     output: dict[str, float] = {}
     fallbacks = 0
     device = net.blocks[0].weight.device
+    size = max(b.aug.numel() for b in net.hidden) if net.hidden else 0
+    work = torch.empty(size, dtype=net.dtype, device=device)  # the moved rows of every layer, one after another
     for name in group.names:
         h = group.generator_index(name)
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             scales = blk.family.canonical_scales if canonical else blk.family.scales
-            moved = transformed_rows(blk.aug, prev)
+            moved = transformed_rows(blk.aug, prev, out=work[:blk.aug.numel()].view(blk.aug.shape))
             if known is not None:
                 m = verify_rows(blk.aug, moved, known.actions[i][name].perm, scales)
             else:
