@@ -272,13 +272,13 @@ def test_moved_keys_equal_the_keys_of_the_moved_rows(scales):
     """The keys of [W K | W c + b] are computed without building it; they must equal the keys of the built rows,
     for monomial actions with scales and offsets."""
     from layerwise.algorithms._extract import _moved_keys, transformed_rows
-    from layerwise.algorithms._match import row_keys
+    from layerwise.algorithms._match import key_directions, row_keys
     from layerwise.hidden import LatentAction
 
     g = torch.Generator().manual_seed(0)
     aug = torch.randn(30, 41, generator=g, dtype=torch.float64)
     act = LatentAction(torch.randperm(40, generator=g), torch.randn(40, generator=g, dtype=torch.float64),
                        torch.randn(40, generator=g, dtype=torch.float64))
-    _, keys = _moved_keys(aug, act, scales, seed=3)
+    _, keys = _moved_keys(aug, act, scales, key_directions(41, aug, seed=3))
     ref = row_keys(transformed_rows(aug, act), scales, seed=3)
     assert torch.allclose(keys, ref, atol=1e-12)

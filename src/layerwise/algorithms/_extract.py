@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._memory import empty
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
-from ._match import _chunks, canonical_keys, key_directions, match_rows, nearest_keys, verify_rows
+from ._match import Sketch, _chunks, canonical_keys, match_rows, nearest_keys, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
 #: Certificate tolerance on the worst relative residual, by the model's dtype.
@@ -29,33 +30,60 @@ DEFAULT_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}
 REDUCE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
+class _Mover:
+    """The map ``[W | b] -> [W K | W c + b]`` of a monomial :class:`LatentAction` ``K z + c``, prepared once and
+    applied to any rows (a whole matrix or a chunk of it)."""
+
+    def __init__(self, act: LatentAction, like: torch.Tensor):
+        # actions found on the CPU (alignment) may meet weights elsewhere
+        self.inv = torch.argsort(act.perm).to(like.device)
+        col_scale = act.scale.to(device=like.device, dtype=like.dtype)[self.inv]
+        self.col_scale = None if bool(torch.all(col_scale == 1)) else col_scale
+        offset = act.offset64.to(device=like.device, dtype=like.dtype)
+        self.offset = offset if bool(torch.any(offset != 0)) else None
+
+    def __call__(self, aug: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        w = aug[:, :-1]
+        if out is None:
+            out = torch.empty_like(aug)
+        # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: one gather with a broadcast index (3x faster than a
+        # column index_select, which is strided here)
+        torch.gather(w, 1, self.inv.expand(w.shape[0], -1), out=out[:, :-1])
+        if self.col_scale is not None:
+            out[:, :-1] *= self.col_scale
+        out[:, -1] = aug[:, -1]
+        if self.offset is not None:
+            out[:, -1] += w @ self.offset
+        return out
+
+
 def transformed_rows(aug: torch.Tensor, prev: LatentAction | torch.Tensor,
                      offset: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[W K | W c + b]``: the rows ``aug = [W | b]`` seen through the input action ``K z + c`` (a monomial
     :class:`LatentAction` with its own offset, or a dense matrix ``K`` with ``c = offset``, zero by default).
-    ``out`` (same shape and dtype, not overlapping ``aug``) is written and returned instead of a new tensor: wide
-    layers reuse one buffer, since a fresh 64 MB tensor costs more in page faults than filling it."""
+    ``out`` (same shape and dtype, not overlapping ``aug``) is written and returned instead of a new tensor."""
+    if isinstance(prev, LatentAction):
+        return _Mover(prev, aug)(aug, out)
     w = aug[:, :-1]
     if out is None:
         out = torch.empty_like(aug)
-    if isinstance(prev, LatentAction):
-        # (W K)[:, c] = W[:, inv[c]] * scale[inv[c]]: one gather with a broadcast index (3x faster than a
-        # column index_select, which is strided here)
-        inv = torch.argsort(prev.perm).to(w.device)  # actions found on the CPU (alignment) may meet weights elsewhere
-        col_scale = prev.scale.to(device=w.device, dtype=w.dtype)[inv]
-        torch.gather(w, 1, inv.expand(w.shape[0], -1), out=out[:, :-1])
-        if not bool(torch.all(col_scale == 1)):
-            out[:, :-1] *= col_scale
-        out[:, -1] = aug[:, -1]
-        if torch.any(prev.offset64 != 0):
-            out[:, -1] += w @ prev.offset64.to(device=w.device, dtype=w.dtype)
-    else:
-        # small (d_in columns): exact enough in float64
-        out[:, :-1] = (w.double() @ prev.to(device=w.device, dtype=torch.float64)).to(w.dtype)
-        out[:, -1] = aug[:, -1]
-        if offset is not None:
-            out[:, -1] += w @ offset.to(device=w.device, dtype=w.dtype)
+    # small (d_in columns): exact enough in float64
+    out[:, :-1] = (w.double() @ prev.to(device=w.device, dtype=torch.float64)).to(w.dtype)
+    out[:, -1] = aug[:, -1]
+    if offset is not None:
+        out[:, -1] += w @ offset.to(device=w.device, dtype=w.dtype)
     return out
+
+
+def _verify_moved(aug: torch.Tensor, prev, perm: torch.Tensor, scales: str):
+    """:func:`verify_rows` of ``aug`` against its rows moved by ``prev``, which are built chunk by chunk into one
+    small buffer (a wide layer's moved rows would cost a full-size tensor: its page faults and one more pass)."""
+    if not isinstance(prev, LatentAction):
+        return verify_rows(aug, transformed_rows(aug, prev), perm, scales)
+    mover = _Mover(prev, aug)
+    step = next(iter(_chunks(aug.shape[0], aug.shape[1], aug.element_size()))).stop if aug.shape[0] else 0
+    buf = torch.empty(step, aug.shape[1], dtype=aug.dtype, device=aug.device)
+    return verify_rows(aug, lambda sl: mover(aug[sl], out=buf[: sl.stop - sl.start]), perm, scales)
 
 
 def output_residual(aug: torch.Tensor, prev, rho_out: torch.Tensor, offset: torch.Tensor | None = None) -> float:
@@ -87,18 +115,19 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known
     output: dict[str, float] = {}
     fallbacks = 0
     device = net.blocks[0].weight.device
-    size = max(b.aug.numel() for b in net.hidden) if net.hidden else 0
-    work = torch.empty(size, dtype=net.dtype, device=device)  # the moved rows of every layer, one after another
+    work = None  # the moved rows of every layer, one buffer (a fresh wide tensor costs its page faults)
     for name in group.names:
         h = group.generator_index(name)
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             scales = blk.family.canonical_scales if canonical else blk.family.scales
-            moved = transformed_rows(blk.aug, prev, out=work[:blk.aug.numel()].view(blk.aug.shape))
             if known is not None:
-                m = verify_rows(blk.aug, moved, known.actions[i][name].perm, scales)
+                m = _verify_moved(blk.aug, prev, known.actions[i][name].perm, scales)
             else:
-                m = match_rows(blk.aug, moved, scales, tol)
+                if work is None:
+                    work = empty((max(b.aug.numel() for b in net.hidden),), net.dtype, device)
+                m = match_rows(blk.aug, transformed_rows(blk.aug, prev, out=work[:blk.aug.numel()].view(
+                    blk.aug.shape)), scales, tol)
             fallbacks += m.n_fallback
             mult, off = blk.family.latent(m.scale)
             prev = LatentAction(m.perm, mult, off, dtype=net.dtype)
@@ -115,16 +144,13 @@ def _sweep(net: DenseNet, group: FiniteGroup, tol: float, canonical: bool, known
     return _Sweep(actions, residuals, output, fallbacks)
 
 
-def _moved_keys(aug: torch.Tensor, prev, scales: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw key projections and canonical keys of the rows ``[W K | W c + b]`` without building them: for a monomial
-    ``K``, ``[W K | W c + b] D = [W | b] Q`` with ``Q = [K D_w + c d_b ; d_b]`` (one matmul), and the row norms
-    come from ``(W * W) @ scale^2``, chunk by chunk."""
-    d = key_directions(aug.shape[1], aug, seed)
+def _moved_keys(aug: torch.Tensor, prev, scales: str, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw key projections onto the directions ``d`` and canonical keys of the rows ``[W K | W c + b]`` without
+    building them: for a monomial ``K``, ``[W K | W c + b] D = [W | b] Q`` with ``Q = [K D_w + c d_b ; d_b]`` (one
+    matmul)."""
     if not isinstance(prev, LatentAction):  # the input action of the first layer: its rows are few columns wide
-        moved = transformed_rows(aug, prev)
-        proj = moved @ d
-        norms = torch.linalg.vector_norm(moved, dim=1) if scales in ("positive", "nonzero") else None
-        return proj, canonical_keys(proj, norms, scales)
+        proj = transformed_rows(aug, prev) @ d
+        return proj, canonical_keys(proj, scales)
     perm = prev.perm.to(aug.device)
     scale = prev.scale.to(device=aug.device, dtype=aug.dtype)
     offset = prev.offset64.to(device=aug.device, dtype=aug.dtype)
@@ -132,43 +158,30 @@ def _moved_keys(aug: torch.Tensor, prev, scales: str, seed: int) -> tuple[torch.
     q[:-1] = d[:-1][perm] * scale[:, None] + offset[:, None] * d[-1]  # (K D_w)[j] = scale_j D_w[perm_j]
     q[-1] = d[-1]
     proj = aug @ q
-    norms = None
-    if scales in ("positive", "nonzero"):
-        w = aug[:, :-1]
-        kappa2 = scale * scale  # |(W K)_r|^2 = sum_j W_rj^2 scale_j^2: column perm[j] of W K is scale_j W[:, j]
-        shifted = w @ offset + aug[:, -1]
-        sq = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
-        for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
-            sq[sl] = (w[sl] * w[sl]) @ kappa2
-        norms = (sq + shifted * shifted).sqrt()
-    return proj, canonical_keys(proj, norms, scales)
+    return proj, canonical_keys(proj, scales)
 
 
-def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float) -> _Sweep | None:
+def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float, sketches: list[Sketch] | None = None) -> _Sweep | None:
     """The first sweep on keys alone: each moved row is matched to the row with the nearest key (random
     projections of canonical representatives), and its factor is read off the projections. No full row is read
     twice; :func:`extract` then verifies everything in its final sweep. Returns None (the full sweep is needed)
     when a key is not matched within ``10 tol``, two rows claim one partner, or the network has nonlinear maps
-    between layers (max pooling)."""
+    between layers (max pooling). ``sketches`` are the layers' :class:`Sketch` es when the caller has them."""
     if net.post:
         return None
     actions: list[dict[str, LatentAction]] = [{} for _ in net.hidden]
     residuals: list[dict[str, float]] = [{} for _ in net.hidden]
     device = net.blocks[0].weight.device
-    own = []  # each layer's own keys, shared by all generators
-    for blk in net.hidden:
-        pa = blk.aug @ key_directions(blk.aug.shape[1], blk.aug, 0)
-        homogeneous = blk.family.scales in ("positive", "nonzero")
-        own.append((pa, canonical_keys(pa, torch.linalg.vector_norm(blk.aug, dim=1) if homogeneous else None,
-                                       blk.family.scales)))
+    own = sketches or [Sketch.of(blk.aug) for blk in net.hidden]  # each layer's own keys, for all generators
+    own_keys = [sk.keys(blk.family.scales) for sk, blk in zip(own, net.hidden)]
     for name in group.names:
         h = group.generator_index(name)
         prev: LatentAction | torch.Tensor = torch.as_tensor(group.rho_in[h], dtype=torch.float64, device=device)
         for i, blk in enumerate(net.hidden):
             n = blk.width
             scales = blk.family.scales
-            pa, ka = own[i]
-            pb, kb = _moved_keys(blk.aug, prev, scales, 0)
+            pa, ka = own[i].proj, own_keys[i]
+            pb, kb = _moved_keys(blk.aug, prev, scales, own[i].dirs)
             choice = nearest_keys(ka, kb) if n else torch.zeros(0, dtype=torch.long, device=device)
             if n and torch.unique(choice).numel() != n:
                 return None
@@ -419,9 +432,10 @@ def _extract_dense(model: nn.Module, generators: dict, tol, max_group_order: int
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise LayerwiseError(f"tol: expected a positive finite number, got {tol!r}")
     group = FiniteGroup.from_generators(generators, net.in_features, net.out_features, max_order=max_group_order)
-    reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype], inplace=True)  # net is ours: no copy
+    sketches: list[Sketch] = []
+    reduced, reports = reduce_to_submodel(net, REDUCE_TOL[net.dtype], inplace=True, sketches=sketches)  # no copy
 
-    first = _quick_sweep(reduced, group, tol) if quick else None
+    first = _quick_sweep(reduced, group, tol, sketches) if quick else None
     if first is None:
         quick = False
         first = _sweep(reduced, group, tol, canonical=False)

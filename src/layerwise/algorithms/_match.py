@@ -42,28 +42,54 @@ def key_directions(d: int, like: torch.Tensor, seed: int) -> torch.Tensor:
     return _directions(d, _N_PROJ + 1, like, seed)
 
 
-def canonical_keys(proj: torch.Tensor, norms: torch.Tensor | None, scales: str) -> torch.Tensor:
-    """Keys from raw projections ``rows @ key_directions(...)`` and the rows' norms (needed for positive and
-    nonzero scales): the projection of each row's canonical representative under the scale group."""
+def canonical_keys(proj: torch.Tensor, scales: str) -> torch.Tensor:
+    """Keys from raw projections ``rows @ key_directions(...)``: the projection of each row's canonical
+    representative under the scale group. The sign (sign, nonzero) is the one that makes the first projection
+    positive; the magnitude (positive, nonzero) is divided out by the norm of the other projections, which scales
+    with the row like its own norm, so no pass over the full rows is needed."""
+    if scales not in SCALE_GROUPS:
+        raise ValueError(f"unknown scale group {scales!r}")
+    key = proj[:, 1:]
     if scales == "one":
-        return proj[:, 1:]
+        return key
     factor = torch.ones(proj.shape[0], dtype=proj.dtype, device=proj.device)
     if scales in ("sign", "nonzero"):
         factor = torch.where(proj[:, 0] >= 0, 1.0, -1.0).to(proj.dtype)
     if scales in ("positive", "nonzero"):
-        factor = factor / norms.clamp_min(1e-300)
-    if scales not in SCALE_GROUPS:
-        raise ValueError(f"unknown scale group {scales!r}")
-    return proj[:, 1:] * factor[:, None]
+        factor = factor / torch.linalg.vector_norm(key, dim=1).clamp_min(1e-300)
+    return key * factor[:, None]
+
+
+@dataclass
+class Sketch:
+    """Random projections ``proj = rows @ dirs`` (``dirs`` from :func:`key_directions`) of a set of rows: all that
+    the keys of every scale group need, from one pass over the rows. Computed once per layer and shared by the
+    duplicate search, the bypass search and the first extraction sweep."""
+
+    dirs: torch.Tensor
+    proj: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, seed: int = 0) -> Sketch:
+        dirs = key_directions(rows.shape[1], rows, seed)
+        return cls(dirs, rows @ dirs)
+
+    def keys(self, scales: str) -> torch.Tensor:
+        return canonical_keys(self.proj, scales)
+
+    def zero_rows(self, idx: torch.Tensor) -> None:
+        """The rows ``idx`` were set to zero (exact: zero rows project to zero)."""
+        self.proj[idx] = 0.0
+
+    def select(self, rows: torch.Tensor | None, cols: torch.Tensor | None) -> Sketch:
+        """The sketch of ``rows[rows][:, cols]`` where the dropped columns are zero (so no projection changes)."""
+        return Sketch(self.dirs if cols is None else self.dirs[cols], self.proj if rows is None else self.proj[rows])
 
 
 def row_keys(rows: torch.Tensor, scales: str, seed: int) -> torch.Tensor:
     """Projections of each row's canonical representative under the scale group onto ``_N_PROJ`` fixed random
-    directions. The representative removes the norm (positive, nonzero) and the sign (sign, nonzero; the sign
-    that makes a further random projection positive), so rows in one orbit get equal keys. One matmul, no copy."""
-    proj = rows @ key_directions(rows.shape[1], rows, seed)
-    norms = torch.linalg.vector_norm(rows, dim=1) if scales in ("positive", "nonzero") else None
-    return canonical_keys(proj, norms, scales)
+    directions (see :func:`canonical_keys`), so rows in one orbit get equal keys. One matmul, no copy."""
+    return Sketch.of(rows, seed).keys(scales)
 
 
 def nearest_keys(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
@@ -98,17 +124,19 @@ def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Ten
     return err / den.clamp_min(1e-300)
 
 
-def scaled_residual(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, scales: str) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
+def scaled_residual(A: torch.Tensor, B, perm: torch.Tensor, scales: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Best allowed ``s`` and :func:`row_residual` of ``B[j]`` against ``s_j A[perm[j]]``, chunk by chunk (the
-    gathered rows and the difference never exist at full size)."""
-    n = B.shape[0]
-    s = torch.empty(n, dtype=B.dtype, device=B.device)
-    res = torch.empty(n, dtype=B.dtype, device=B.device)
-    for sl in _chunks(n, B.shape[1], B.element_size()):
+    gathered rows and the difference never exist at full size). ``B`` is a tensor or a function that returns the
+    rows ``B[sl]`` of a slice, so that ``B`` itself need not exist at full size either."""
+    n = perm.numel()
+    rows = B.__getitem__ if isinstance(B, torch.Tensor) else B
+    s = torch.empty(n, dtype=A.dtype, device=A.device)
+    res = torch.empty(n, dtype=A.dtype, device=A.device)
+    for sl in _chunks(n, A.shape[1], A.element_size()):
         a = A.index_select(0, perm[sl])
-        s[sl] = best_scale(a, B[sl], scales)
-        res[sl] = row_residual(a, B[sl], s[sl])
+        b = rows(sl)
+        s[sl] = best_scale(a, b, scales)
+        res[sl] = row_residual(a, b, s[sl])
     return s, res
 
 
@@ -196,8 +224,9 @@ def match_rows(
     return RowMatch(perm, s, res, n_fb)
 
 
-def verify_rows(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, scales: str) -> RowMatch:
-    """Residuals of a known matching ``B[j] ~ s_j A[perm[j]]`` with the best allowed ``s_j`` (no search)."""
+def verify_rows(A: torch.Tensor, B, perm: torch.Tensor, scales: str) -> RowMatch:
+    """Residuals of a known matching ``B[j] ~ s_j A[perm[j]]`` with the best allowed ``s_j`` (no search); ``B`` as
+    in :func:`scaled_residual`."""
     if A.shape[0] == 0:
         empty = torch.zeros(0, dtype=A.dtype, device=A.device)
         return RowMatch(perm, empty, empty, 0)

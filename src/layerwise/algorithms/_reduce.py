@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._memory import empty
 from ..layers import DenseNet
-from ._match import _WINDOW, _chunks, best_scale, row_keys, row_residual
+from ._match import _WINDOW, Sketch, _chunks, best_scale, row_residual
 
 
 @dataclass
@@ -42,12 +43,12 @@ class LayerReduction:
         return ", ".join(parts)
 
 
-def _near_pairs(rows: torch.Tensor, scales: str, tol: float,
-                live: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
-    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys; only rows
-    in ``live`` (indices, default all) take part. The rows are never copied: keys are one matmul, and only pairs
-    whose keys nearly agree get the full O(d) check."""
-    keys = row_keys(rows, scales, seed=1)
+def _near_pairs(rows: torch.Tensor, scales: str, tol: float, live: torch.Tensor | None = None,
+                sketch: Sketch | None = None) -> list[tuple[int, int, float]]:
+    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys (from
+    ``sketch``, the rows' :class:`Sketch`, when given); only rows in ``live`` (indices, default all) take part. The
+    rows are never copied: keys are one matmul, and only pairs whose keys nearly agree get the full O(d) check."""
+    keys = (sketch or Sketch.of(rows)).keys(scales)
     if live is not None:
         keys = keys[live]
     n = keys.shape[0]
@@ -78,13 +79,13 @@ def _find(parent: list[int], x: int) -> int:
     return x
 
 
-def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: float):
+def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: float, sketch: Sketch | None = None):
     """Units among ``keep`` whose rows equal another's up to an allowed factor: components of the "equal rows"
     graph, each merged into its first unit. Returns ``(dups, roots, s)`` with ``rows[dups] = s * rows[roots]``
     (tensors, empty when there are none)."""
     live = torch.nonzero(keep).flatten()
     parent = list(range(rows.shape[0]))
-    for j, k, _ in _near_pairs(rows, scales, tol, live=None if bool(keep.all()) else live):
+    for j, k, _ in _near_pairs(rows, scales, tol, live=None if bool(keep.all()) else live, sketch=sketch):
         ra, rb = _find(parent, j), _find(parent, k)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
@@ -101,12 +102,13 @@ _RECHECK = 1e-4
 
 
 def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.Tensor], tol: float,
-                  colsq: list, full: bool = True) -> bool:
+                  colsq: list, sketches: list, full: bool = True) -> bool:
     """One pass over hidden layer ``i``; returns whether anything changed. Removed units are zeroed and marked in
     ``alive[i]`` (the arrays are compacted once, at the end: no copy of a wide matrix per pass). ``colsq[i]`` holds
     the squared outgoing norms of layer ``i``'s units, updated as rows and columns change instead of recomputed. With
     ``full=False`` only dead units are looked for (what a change of the neighbouring layers' rows or of this layer's
-    merges can create)."""
+    merges can create). ``sketches[i]`` is the :class:`Sketch` of layer ``i``'s rows, computed when first needed and
+    dropped when the rows change (zeroed rows are zeroed in it)."""
     blk, nxt = net.blocks[i], net.blocks[i + 1]
     fam = blk.family
     aug = blk.aug
@@ -122,7 +124,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.
     dead = (cs <= tol * tol * scale) & live
     if full:
         # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
-        row_scale = aug.norm(dim=1).max().clamp_min(1e-300)
+        row_scale = torch.linalg.vector_norm(aug, dim=1).max().clamp_min(1e-300)
         const = (blk.weight.norm(dim=1) <= tol * row_scale) & live & ~dead
     else:
         const = torch.zeros_like(dead)
@@ -137,7 +139,9 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.
     gone = dead | const
     # (c) duplicates up to an allowed factor, merged into the first unit of their component
     if full:
-        dup_t, root_t, s = duplicate_units(aug, live & ~gone, fam.scales, tol)
+        if sketches[i] is None:
+            sketches[i] = Sketch.of(aug)
+        dup_t, root_t, s = duplicate_units(aug, live & ~gone, fam.scales, tol, sketch=sketches[i])
     else:
         dup_t = torch.zeros(0, dtype=torch.long, device=aug.device)
     if dup_t.numel():
@@ -158,7 +162,11 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.
         colsq[i - 1] -= blk.weight[idx].square().sum(0)
         colsq[i - 1].clamp_(min=0.0)
     blk.aug[idx] = 0.0
+    if sketches[i] is not None:
+        sketches[i].zero_rows(idx)
     nxt.weight[:, idx] = 0.0
+    if i + 1 < len(sketches):  # the next layer's rows changed (columns removed, constants or merges folded in)
+        sketches[i + 1] = None
     cs[idx] = 0.0
     return True
 
@@ -168,7 +176,7 @@ def _compact(aug: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | 
     if rows is None and cols is None:
         return aug
     n = aug.shape[0] if rows is None else rows.numel()
-    out = aug.new_empty(n, aug.shape[1] if cols is None else cols.numel())
+    out = empty((n, aug.shape[1] if cols is None else cols.numel()), aug.dtype, aug.device)
     for sl in _chunks(n, aug.shape[1], aug.element_size()):
         part = aug[sl] if rows is None else aug.index_select(0, rows[sl])
         if cols is None:
@@ -181,27 +189,33 @@ def _compact(aug: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | 
 def _column_sumsq(w: torch.Tensor) -> torch.Tensor:
     """Squared norms of the columns of ``w``, chunk by chunk of rows (no temporary of the matrix's size)."""
     out = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
+    ones = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
     for sl in _chunks(w.shape[0], w.shape[1], w.element_size()):
-        out += w[sl].square().sum(0)
+        part = w[sl].square()
+        out.addmv_(part.T, ones[: part.shape[0]])  # 3x faster than part.sum(0)
     return out
 
 
-def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float) -> list[tuple[int, int]]:
+def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float,
+                 sketch: Sketch | None = None) -> list[tuple[int, int]]:
     """Pairs of units with opposite incoming rows (up to a positive factor when ``homogeneous``)."""
     scales = "nonzero" if homogeneous else "sign"
     out = []
-    for j, k, s in _near_pairs(rows, scales, tol):
+    for j, k, s in _near_pairs(rows, scales, tol, sketch=sketch):
         if s < 0 and (homogeneous or abs(s + 1) <= tol):
             out.append((min(j, k), max(j, k)))
     return sorted(set(out))
 
 
-def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> tuple[DenseNet, list[LayerReduction]]:
+def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False,
+                       sketches: list | None = None) -> tuple[DenseNet, list[LayerReduction]]:
     """Remove dead units, fold constant units and merge duplicated units in every hidden layer.
 
     Args:
         net: parsed network (not modified, unless ``inplace``: then its arrays are reused, which saves a copy of
             every weight when the caller has no further use for it).
+        sketches: a list to fill with one :class:`~layerwise.algorithms._match.Sketch` per hidden layer of the
+            reduced network (its rows' key projections and norms), for the first extraction sweep to reuse.
         tol: relative tolerance: a weight vector is zero when its norm is at most ``tol`` times the largest in
             its layer; two rows are duplicates when their relative residual under the best allowed factor is at
             most ``tol``.
@@ -214,6 +228,7 @@ def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> t
     reports = [LayerReduction(width_before=b.width, kept=list(range(b.width))) for b in net.hidden]
     alive = [torch.ones(b.width, dtype=torch.bool, device=b.aug.device) for b in net.hidden]
     colsq: list = [None] * len(net.hidden)
+    sketch: list = [None] * len(net.hidden)
     # A change in layer i alters the rows of layer i + 1 (new constants or duplicates possible: a full pass) and the
     # outgoing columns of layers i - 1 and i (merged or removed columns can leave a unit dead: a dead-unit pass).
     full = set(range(len(net.hidden)))
@@ -223,7 +238,7 @@ def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> t
         is_full = i in full
         full.discard(i)
         dead_only.discard(i)
-        if bool(alive[i].any()) and _reduce_layer(net, i, reports[i], alive, tol, colsq, full=is_full):
+        if bool(alive[i].any()) and _reduce_layer(net, i, reports[i], alive, tol, colsq, sketch, full=is_full):
             if i + 1 < len(net.hidden):
                 full.add(i + 1)
             dead_only |= {j for j in (i - 1, i) if j >= 0 and j not in full}
@@ -234,6 +249,8 @@ def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> t
         if cols is not None:
             cols = torch.cat([cols, torch.tensor([blk.aug.shape[1] - 1], device=cols.device)])
         blk.aug = _compact(blk.aug, keep[i], cols)
+        if i < len(sketch):
+            sketch[i] = Sketch.of(blk.aug) if sketch[i] is None else sketch[i].select(keep[i], cols)
     for i, (blk, rep) in enumerate(zip(net.hidden, reports)):
         if keep[i] is not None:
             rep.kept = keep[i].tolist()
@@ -241,5 +258,7 @@ def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False) -> t
             field_.sort()
         rep.width_after = blk.width
         if blk.family.bypass is not None:
-            rep.bypass = bypass_pairs(blk.aug, blk.family.homogeneous, tol)
+            rep.bypass = bypass_pairs(blk.aug, blk.family.homogeneous, tol, sketch=sketch[i])
+    if sketches is not None:
+        sketches[:] = sketch
     return net, reports

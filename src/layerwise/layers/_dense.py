@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._memory import empty
 from ..hidden import ActivationFamily, family_of
 from ..nn import PositionalEncoding, SelfAttention
 
@@ -114,7 +115,9 @@ class DenseNet:
                 lin = nn.utils.skip_init(nn.Linear, b.weight.shape[1], b.weight.shape[0], bias=b.has_bias,
                                          dtype=self.dtype, device=b.weight.device)  # every value is copied in
                 with torch.no_grad():
-                    lin.weight.copy_(b.weight.to(self.dtype))
+                    # untouched memory costs nothing; the weight is replaced by one allocated like the wide arrays
+                    lin.weight = nn.Parameter(empty(tuple(b.weight.shape), self.dtype, b.weight.device)
+                                              .copy_(b.weight))
                     if b.has_bias:
                         lin.bias.copy_(b.bias.to(self.dtype))
                 lin.train(mod.training)
@@ -209,7 +212,7 @@ def parse_dense(model: nn.Module, *, device: torch.device | str | None = None) -
                     f"{where}: in_features={w.shape[1]} does not match the previous layer's "
                     f"out_features={blocks[-1].weight.shape[0]}"
                 )
-            aug = torch.empty(w.shape[0], w.shape[1] + 1, dtype=w.dtype, device=w.device if device is None else device)
+            aug = empty((w.shape[0], w.shape[1] + 1), w.dtype, w.device if device is None else device)
             aug[:, :-1] = w
             aug[:, -1] = b
             blocks.append(DenseBlock(
