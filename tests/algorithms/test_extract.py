@@ -282,3 +282,47 @@ def test_moved_keys_equal_the_keys_of_the_moved_rows(scales):
     _, keys = _moved_keys(aug, act, scales, key_directions(41, aug, seed=3))
     ref = row_keys(transformed_rows(aug, act), scales, seed=3)
     assert torch.allclose(keys, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", ["z2", "d4"])
+@pytest.mark.parametrize("activation", ["tanh", "power3"])
+def test_sign_gauge_leaves_only_the_planted_character_negative(activation, group):
+    """After the canonical move, a unit's multiplier is -1 only where the planted representation forces it: the sign
+    units (character -1 on the first generator), and nowhere under the other generators; the regular blocks, hidden
+    by random sign flips, come back as pure permutations."""
+    model, planted = planted_mlp(activation, group=group, widths=(40, 32), seed=5)
+    res = layerwise.extract(model, planted.generators)
+    assert res.equivariant, res.summary()
+    first = res.group.names[0]
+    for acts, (_, _, n_sign) in zip(res.latent, planted.blocks):
+        for name, act in acts.items():
+            negative = int((act.scale < 0).sum())
+            assert negative == (n_sign if name == first else 0), (name, act.summary())
+
+
+def test_sign_gauge_on_a_hidden_coboundary():
+    """Signs hidden on a regular orbit of D4 (a coboundary) are removed completely by the gauge, whichever unit is
+    the orbit's root."""
+    from layerwise.algorithms._extract import _sign_gauge
+    from layerwise.group import FiniteGroup
+    from layerwise.hidden import LatentAction
+    from layerwise.testing import image_generators
+
+    grp = FiniteGroup.from_generators(image_generators("d4", 4, "invariant"), 16, 3)
+    g = torch.Generator().manual_seed(0)
+    # the regular action of D4 on its own elements, on units shuffled by a random permutation
+    mul = grp.multiplication_table()
+    shuffle = torch.randperm(grp.order, generator=g)
+    u = torch.where(torch.rand(grp.order, generator=g) < 0.5, -1.0, 1.0).double()
+    acts = []
+    for h in range(grp.order):
+        # unit shuffle[x] goes to unit shuffle[h.x]; as a LatentAction: (k z)_i = s_i z_perm[i]
+        perm = torch.empty(grp.order, dtype=torch.long)
+        for x in range(grp.order):
+            perm[shuffle[int(mul[h, x])]] = shuffle[x]
+        scale = u * u[perm]  # a coboundary: removable by t = u
+        acts.append(LatentAction(perm, scale, torch.zeros(grp.order, dtype=torch.float64)))
+    t = _sign_gauge(acts)
+    for a in acts:
+        assert torch.all(t * a.scale * t[a.perm] == 1.0)
+    assert torch.all(t.abs() == 1)

@@ -218,35 +218,27 @@ def extend_to_group(group: FiniteGroup, gens: dict[str, LatentAction]) -> tuple[
     return acts, worst  # type: ignore[return-value]
 
 
-def _sign_gauge(gens: dict[str, LatentAction]) -> torch.Tensor:
-    """Per-unit signs ``t`` making as many generator multipliers positive as the cocycle allows.
+def _sign_gauge(acts: list[LatentAction]) -> torch.Tensor:
+    """Per-unit signs ``t`` making as many multipliers positive as the cocycle allows, from the latent actions of
+    every group element (a homomorphism: the relations were checked).
 
-    After flipping units ``t_j = -1`` the multiplier of unit ``i`` under generator ``g`` becomes
-    ``t_i sign(mult_g[i]) t_{perm_g[i]}``. A breadth-first search over each orbit sets it to +1 along a spanning
-    tree; what is left on the other edges is the holonomy of the cocycle, which no choice removes (a unit on which
-    the group acts by a nontrivial character stays negated).
+    After flipping units ``t_j = -1`` the multiplier of unit ``i`` under ``h`` becomes
+    ``t_i sign(mult_h[i]) t_{perm_h[i]}``. In each orbit, with root ``r`` its smallest unit, every unit ``i`` takes
+    the sign that makes it +1 for the first element ``h`` with ``perm_h[i] = r`` (a spanning star of the orbit);
+    what is left is the holonomy of the cocycle, which no choice removes (a unit on which its stabilizer acts by a
+    nontrivial character stays negated). Vectorized over units: one pass over the group elements for the roots,
+    one for the signs.
     """
-    acts = list(gens.values())
-    n = acts[0].size
-    signs = [torch.where(a.scale < 0, -1, 1).tolist() for a in acts]
-    inverse = [torch.argsort(a.perm).tolist() for a in acts]
-    t = [0] * n
-    for root in range(n):
-        if t[root]:
-            continue
-        t[root] = 1
-        stack = [root]
-        while stack:
-            j = stack.pop()
-            for sg, inv in zip(signs, inverse):
-                i = inv[j]  # perm_g[i] = j
-                if not t[i]:
-                    t[i] = sg[i] * t[j]
-                    stack.append(i)
-    return torch.tensor(t, dtype=torch.float64, device=acts[0].perm.device)
+    roots = acts[0].perm.clone()
+    for a in acts[1:]:
+        roots = torch.minimum(roots, a.perm)
+    t = torch.zeros(roots.numel(), dtype=torch.float64, device=roots.device)
+    for a in acts:
+        t = torch.where((t == 0) & (a.perm == roots), torch.where(a.scale < 0, -1.0, 1.0).to(t), t)
+    return t
 
 
-def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list[list[LatentAction]]) -> None:
+def _canonical_parameters(net: DenseNet, group_actions: list[list[LatentAction]]) -> None:
     """Move to the point of the fiber where latent actions are as simple as the group allows.
 
     Magnitudes (ReLU, LeakyReLU, polynomial): with ``u_j`` the group average of ``log|mult_h[j]|``, rescaling unit
@@ -257,11 +249,11 @@ def _canonical_parameters(net: DenseNet, group: FiniteGroup, group_actions: list
     for i, (blk, acts) in enumerate(zip(net.hidden, group_actions)):
         if blk.width == 0:
             continue
-        for factor in canonical_factors(blk.family, group, acts):
+        for factor in canonical_factors(blk.family, acts):
             net.transport(i, factor)
 
 
-def canonical_factors(family, group: FiniteGroup, acts: list[LatentAction]) -> list[torch.Tensor]:
+def canonical_factors(family, acts: list[LatentAction]) -> list[torch.Tensor]:
     """Pre-activation factors (to apply in order) that move one layer to the canonical point of its fiber, from
     the latent actions of all group elements on it (see :func:`_canonical_parameters`)."""
     out = []
@@ -269,7 +261,7 @@ def canonical_factors(family, group: FiniteGroup, acts: list[LatentAction]) -> l
         logs = torch.stack([a.scale.abs().log() for a in acts]).mean(0)
         out.append(torch.exp(-logs / family.power))  # latent factor exp(-logs)
     if family.scales in ("sign", "nonzero"):
-        t = _sign_gauge({name: acts[group.generator_index(name)] for name in group.names})
+        t = _sign_gauge(acts)
         if torch.any(t < 0):
             out.append(t)
     return out
@@ -446,7 +438,7 @@ def _extract_dense(model: nn.Module, generators: dict, tol, max_group_order: int
     if failure is not None and quick:  # key gaps are not residuals: locate the failure with the full sweep
         return _extract_dense(model, generators, tol, max_group_order, canonical, device, quick=False)
     if failure is None and canonical:
-        _canonical_parameters(reduced, group, group_latent)
+        _canonical_parameters(reduced, group_latent)
     out_model = reduced.to_module()
     # the returned weights are exactly reduced.aug (same dtype), so the certificate is computed on them directly
     final_net = reduced

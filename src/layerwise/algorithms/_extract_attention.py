@@ -231,7 +231,7 @@ def _canonical_model(model: nn.Sequential, net: TokenNet, group: FiniteGroup, gr
             lin = flat[blk.index]
             if not _has_consumer(flat, blk.act_index):
                 continue
-            for factor in canonical_factors(blk.family, group, acts):
+            for factor in canonical_factors(blk.family, acts):
                 mult, shift = blk.family.latent(factor)
                 if torch.any(shift != 0):
                     break  # sigmoid flips change the next bias as well; keep this layer as it is

@@ -75,7 +75,7 @@ def _apply_canonical(folded: nn.Sequential, net, group, group_latent) -> nn.Sequ
     affine = [i for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         for k, (blk, acts) in enumerate(zip(net.hidden, group_latent)):
-            for factor in canonical_factors(blk.family, group, acts):
+            for factor in canonical_factors(blk.family, acts):
                 if blk.family.affine_flip and torch.any(factor < 0):
                     continue  # a sigmoid flip would put a position-dependent offset into the next convolution
                 cur, nxt = model[affine[k]], model[affine[k + 1]]

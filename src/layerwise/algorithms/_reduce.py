@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .._memory import empty
 from ..layers import DenseNet
@@ -44,16 +47,18 @@ class LayerReduction:
 
 
 def _near_pairs(rows: torch.Tensor, scales: str, tol: float, live: torch.Tensor | None = None,
-                sketch: Sketch | None = None) -> list[tuple[int, int, float]]:
-    """Pairs ``(j, k, s)`` with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random keys (from
-    ``sketch``, the rows' :class:`Sketch`, when given); only rows in ``live`` (indices, default all) take part. The
-    rows are never copied: keys are one matmul, and only pairs whose keys nearly agree get the full O(d) check."""
+                sketch: Sketch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs ``(j, k, s)`` (three tensors) with ``rows[j] = s * rows[k]`` (within ``tol``), found by sorted random
+    keys (from ``sketch``, the rows' :class:`Sketch`, when given); only rows in ``live`` (indices, default all)
+    take part. The rows are never copied: keys are one matmul, and only pairs whose keys nearly agree get the full
+    O(d) check."""
     keys = (sketch or Sketch.of(rows)).keys(scales)
     if live is not None:
         keys = keys[live]
     n = keys.shape[0]
+    none = torch.zeros(0, dtype=torch.long, device=rows.device)
     if n < 2:
-        return []
+        return none, none, rows.new_zeros(0)
     order = torch.argsort(keys[:, 0])
     key_scale = keys.norm(dim=1)
     cand_j, cand_k = [], []
@@ -64,36 +69,32 @@ def _near_pairs(rows: torch.Tensor, scales: str, tol: float, live: torch.Tensor 
         cand_k.append(k[close])
     j, k = torch.cat(cand_j), torch.cat(cand_k)
     if not j.numel():
-        return []
+        return none, none, rows.new_zeros(0)
     if live is not None:
         j, k = live[j], live[k]
     s = best_scale(rows[k], rows[j], scales)
     ok = row_residual(rows[k], rows[j], s) <= tol
-    return list(zip(j[ok].tolist(), k[ok].tolist(), s[ok].tolist()))
-
-
-def _find(parent: list[int], x: int) -> int:
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
+    return j[ok], k[ok], s[ok]
 
 
 def duplicate_units(rows: torch.Tensor, keep: torch.Tensor, scales: str, tol: float, sketch: Sketch | None = None):
     """Units among ``keep`` whose rows equal another's up to an allowed factor: components of the "equal rows"
-    graph, each merged into its first unit. Returns ``(dups, roots, s)`` with ``rows[dups] = s * rows[roots]``
-    (tensors, empty when there are none)."""
+    graph (scipy's connected components), each merged into its smallest unit. Returns ``(dups, roots, s)`` with
+    ``rows[dups] = s * rows[roots]`` (tensors, empty when there are none)."""
     live = torch.nonzero(keep).flatten()
-    parent = list(range(rows.shape[0]))
-    for j, k, _ in _near_pairs(rows, scales, tol, live=None if bool(keep.all()) else live, sketch=sketch):
-        ra, rb = _find(parent, j), _find(parent, k)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    dups = [j for j in live.tolist() if _find(parent, j) != j]
-    dup_t = torch.tensor(dups, dtype=torch.long, device=rows.device)
-    root_t = torch.tensor([_find(parent, j) for j in dups], dtype=torch.long, device=rows.device)
-    s = best_scale(rows[root_t], rows[dup_t], scales) if dups else rows.new_zeros(0)
-    return dup_t, root_t, s
+    j, k, _ = _near_pairs(rows, scales, tol, live=None if bool(keep.all()) else live, sketch=sketch)
+    if not j.numel():
+        return j, k, rows.new_zeros(0)
+    n = rows.shape[0]
+    graph = coo_matrix((np.ones(j.numel()), (j.cpu().numpy(), k.cpu().numpy())), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    root = np.full(labels.max() + 1, n)
+    np.minimum.at(root, labels, np.arange(n))
+    root_of = root[labels]
+    dups = np.flatnonzero(root_of != np.arange(n))
+    dup_t = torch.as_tensor(dups, dtype=torch.long, device=rows.device)
+    root_t = torch.as_tensor(root_of[dups], dtype=torch.long, device=rows.device)
+    return dup_t, root_t, best_scale(rows[root_t], rows[dup_t], scales)
 
 
 #: Columns whose incrementally updated squared norm falls below this fraction of the largest are recomputed exactly
@@ -199,12 +200,10 @@ def _column_sumsq(w: torch.Tensor) -> torch.Tensor:
 def bypass_pairs(rows: torch.Tensor, homogeneous: bool, tol: float,
                  sketch: Sketch | None = None) -> list[tuple[int, int]]:
     """Pairs of units with opposite incoming rows (up to a positive factor when ``homogeneous``)."""
-    scales = "nonzero" if homogeneous else "sign"
-    out = []
-    for j, k, s in _near_pairs(rows, scales, tol, sketch=sketch):
-        if s < 0 and (homogeneous or abs(s + 1) <= tol):
-            out.append((min(j, k), max(j, k)))
-    return sorted(set(out))
+    j, k, s = _near_pairs(rows, "nonzero" if homogeneous else "sign", tol, sketch=sketch)
+    opposite = (s < 0) & ((s + 1).abs() <= tol) if not homogeneous else s < 0
+    lo, hi = torch.minimum(j, k)[opposite], torch.maximum(j, k)[opposite]
+    return sorted(set(zip(lo.tolist(), hi.tolist())))
 
 
 def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False,
