@@ -56,3 +56,41 @@ def test_sign_group_refuses_other_magnitudes():
     assert m.worst > 0.3
     m = match_rows(a, 2.0 * a, "positive", 1e-8)
     assert m.worst < 1e-12
+
+
+@pytest.mark.parametrize("scales", ["one", "sign", "positive", "nonzero"])
+def test_keys_are_invariant_under_the_scale_group_and_separate_other_rows(scales):
+    from layerwise.algorithms._match import row_keys
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, 30, generator=g, dtype=torch.float64)
+    factor = {"one": torch.ones(50, dtype=torch.float64),
+              "sign": torch.where(torch.rand(50, generator=g) < 0.5, -1.0, 1.0).double(),
+              "positive": torch.rand(50, generator=g, dtype=torch.float64) * 5 + 0.1,
+              "nonzero": (torch.rand(50, generator=g, dtype=torch.float64) * 5 + 0.1)
+              * torch.where(torch.rand(50, generator=g) < 0.5, -1.0, 1.0).double()}[scales]
+    k1 = row_keys(rows, scales, seed=0)
+    k2 = row_keys(rows * factor[:, None], scales, seed=0)
+    assert torch.allclose(k1, k2, atol=1e-12)
+    gaps = torch.cdist(k1, k1) + torch.eye(50, dtype=torch.float64)
+    assert float(gaps.min()) > 1e-3  # distinct rows keep distinct keys
+
+
+def test_chunked_verification_of_moved_rows_equals_the_built_rows(monkeypatch):
+    """The final sweep builds the moved rows chunk by chunk into one small buffer; the residuals and factors must
+    equal those against the whole moved matrix, across chunk boundaries and with scales and offsets."""
+    import layerwise.algorithms._match as match
+    from layerwise.algorithms._extract import _verify_moved, transformed_rows
+    from layerwise.hidden import LatentAction
+
+    monkeypatch.setattr(match, "_CHUNK_BYTES", 7 * 41 * 8)  # 7 rows per chunk
+    g = torch.Generator().manual_seed(1)
+    aug = torch.randn(30, 41, generator=g, dtype=torch.float64)
+    act = LatentAction(torch.randperm(40, generator=g), torch.randn(40, generator=g, dtype=torch.float64),
+                       torch.randn(40, generator=g, dtype=torch.float64))
+    perm = torch.randperm(30, generator=g)
+    for scales in ("one", "sign", "positive", "nonzero"):
+        got = _verify_moved(aug, act, perm, scales)
+        want = match.verify_rows(aug, transformed_rows(aug, act), perm, scales)
+        assert torch.equal(got.perm, want.perm)
+        assert torch.allclose(got.scale, want.scale) and torch.allclose(got.residual, want.residual)

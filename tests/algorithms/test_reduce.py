@@ -102,3 +102,40 @@ def test_removing_rows_of_the_next_layer_can_kill_a_unit_backwards(dtype):
     x = torch.randn(50, 4, dtype=dtype)
     with torch.no_grad():
         assert (reduced.forward(x) - model(x)).norm() / model(x).norm() < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_sketches_handed_to_the_first_sweep_are_those_of_the_reduced_rows(activation):
+    """The reduction keeps each layer's key projections across its passes (dropping them when the rows change,
+    zeroing removed rows, selecting kept rows and columns at the end); what it hands on must equal a fresh sketch
+    of the reduced rows, on a network where every kind of removal happens in every layer."""
+    from layerwise.algorithms._match import Sketch
+    from layerwise.testing import planted_mlp
+
+    model, _ = planted_mlp(activation, group="d4", widths=(40, 32, 24), dead=2, constant=2, duplicates=2, seed=1,
+                           dtype=torch.float64)
+    sketches: list = []
+    reduced, reports = reduce_to_submodel(parse_dense(model), 1e-10, sketches=sketches)
+    assert all(r.dead and r.constant and r.merged for r in reports)
+    assert len(sketches) == len(reduced.hidden)
+    for sk, blk in zip(sketches, reduced.hidden):
+        assert sk.dirs.shape == (blk.aug.shape[1], sk.proj.shape[1])
+        fresh = blk.aug @ sk.dirs
+        assert torch.allclose(sk.proj, fresh, atol=1e-10 * float(fresh.abs().max())), activation
+    # the directions of the kept columns are the original ones (the keys of moved rows rely on it)
+    again = Sketch.of(reduced.hidden[0].aug)
+    assert again.proj.shape == sketches[0].proj.shape
+
+
+def test_compaction_and_column_norms_match_plain_indexing():
+    from layerwise.algorithms._reduce import _column_sumsq, _compact
+
+    g = torch.Generator().manual_seed(0)
+    aug = torch.randn(700, 301, generator=g)  # several row chunks
+    rows = torch.tensor([0, 5, 6, 699, 300])
+    cols = torch.tensor([1, 2, 300, 0])
+    assert torch.equal(_compact(aug, rows, cols), aug[rows][:, cols])
+    assert torch.equal(_compact(aug, None, cols), aug[:, cols])
+    assert torch.equal(_compact(aug, rows, None), aug[rows])
+    assert _compact(aug, None, None) is aug
+    assert torch.allclose(_column_sumsq(aug), aug.square().sum(0), rtol=1e-5)

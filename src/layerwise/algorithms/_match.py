@@ -112,10 +112,24 @@ def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
     dot = torch.linalg.vecdot(a, b)
     if scales == "sign":
         return torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)
-    s = dot / torch.linalg.vecdot(a, a).clamp_min(1e-300)
+    return _magnitude(dot / torch.linalg.vecdot(a, a).clamp_min(1e-300), scales)
+
+
+def _magnitude(s: torch.Tensor, scales: str) -> torch.Tensor:
+    """A least-squares factor made an element of the positive or nonzero scale group (never exactly zero)."""
     if scales == "positive":
         return s.clamp_min(1e-300)
     return torch.where(s == 0, 1e-300, s)
+
+
+def scale_from_cosine(cos: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, scales: str) -> torch.Tensor:
+    """:func:`best_scale` of rows ``a``, ``b`` whose cosines and norms are known (no pass over the rows):
+    ``<a, b> / |a|^2 = cos |b| / |a|``."""
+    if scales == "one":
+        return torch.ones_like(cos)
+    if scales == "sign":
+        return torch.where(cos >= 0, 1.0, -1.0).to(cos.dtype)
+    return _magnitude(cos * norm_b / norm_a.clamp_min(1e-300), scales)
 
 
 def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

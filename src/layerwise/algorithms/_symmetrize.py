@@ -19,7 +19,7 @@ from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
 from ._align import LayerAlignment, consistent_actions, weight_similarity
 from ._extract import REDUCE_TOL, extend_to_group, transformed_rows
-from ._match import best_scale
+from ._match import best_scale, scale_from_cosine
 from ._reduce import reduce_to_submodel
 from ._stats import CorrelationStats
 
@@ -91,22 +91,31 @@ def align_network(
         sims = np.zeros((group.order, blk.width, blk.width), dtype=np.float32 if net.dtype == torch.float32 else None)
         for h in needed:
             sims[h] = weight_similarity(blk.aug, moved[h])
+        cosines = {h: sims[h] for h in needed} if corr is None else {h: sims[h].copy() for h in needed}
         if corr is not None:
             sims = (WEIGHT_TIEBREAK * sims + np.stack(corr[i])) / (1 + WEIGHT_TIEBREAK)
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
-        scaled = {name: chain_action(blk, moved[group.generator_index(name)], act.perm, pre.scale)
-                  for (name, act), pre in zip(al.latent.items(), al.pre.values())}
+        scaled = {name: chain_action(blk, moved[h], act.perm, pre.scale, cosines[h])
+                  for (name, act), pre in zip(al.latent.items(), al.pre.values())
+                  for h in [group.generator_index(name)]}
         prev = extend_to_group(group, scaled)[0]
     return out
 
 
-def chain_action(blk, moved: torch.Tensor, perm: torch.Tensor, sign: torch.Tensor) -> LatentAction:
+def chain_action(blk, moved: torch.Tensor, perm, sign, cos: np.ndarray | None = None) -> LatentAction:
     """The latent action a weight alignment ``(perm, sign)`` of layer ``blk`` implies for the next layer: for
     rescalable units (ReLU, powers) the factor of each matched row ``moved[j] ~ s_j aug[perm[j]]`` is fitted, since
-    the next layer sees this layer through those rescalings too."""
+    the next layer sees this layer through those rescalings too. ``cos``, the cosines of ``moved`` against
+    ``aug`` (:func:`weight_similarity`) when the caller has them, saves a pass over the gathered rows."""
     perm = torch.as_tensor(perm)  # latent actions of the alignment live on the CPU
-    if blk.family.homogeneous:
+    if blk.family.homogeneous and cos is not None:
+        dev = blk.aug.device
+        c = torch.as_tensor(cos[np.arange(len(perm)), perm.numpy()], dtype=torch.float64)
+        norm_a = torch.linalg.vector_norm(blk.aug, dim=1).double().cpu()[perm]
+        norm_b = torch.linalg.vector_norm(moved.to(dev), dim=1).double().cpu()
+        s = scale_from_cosine(c, norm_a, norm_b, blk.family.scales)
+    elif blk.family.homogeneous:
         s = best_scale(blk.aug[perm.to(blk.aug.device)], moved, blk.family.scales).double().cpu()
     else:
         s = torch.as_tensor(sign, dtype=torch.float64)
