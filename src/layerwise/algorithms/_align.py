@@ -185,37 +185,45 @@ def coset_greedy(sims: np.ndarray, group: FiniteGroup, signed: bool) -> dict[str
         for k_set in subgroups:
             if k_set <= h_set and (len(k_set) == len(h_set) or (signed and 2 * len(k_set) == len(h_set))):
                 pairs.append((h_set, k_set, reps, index))
+    # per (H, K): the group elements r_c eta (coset c, eta in H) and the character values chi(eta), as arrays
+    prepared = []
+    for h_set, k_set, reps, index in pairs:
+        h_list = sorted(h_set)
+        elems = mul[np.ix_(reps, h_list)]  # (cosets, |H|)
+        chi = np.array([1.0 if h in k_set else -1.0 for h in h_list])
+        prepared.append((elems, chi, k_set, reps, index))
     free = np.ones(n, dtype=bool)
+    n_free = n
     orbits = []
-    for u in range(n):
+    for u in range(n):  # one iteration per orbit: units taken by an earlier orbit are skipped
         if not free[u]:
             continue
+        column = np.ascontiguousarray(sims[:, :, u])  # (order, n): every S_h[j, u]
         best = None
-        for h_set, k_set, reps, index in pairs:
+        for elems, chi, k_set, reps, index in prepared:
             n_cos = len(reps)
-            if n_cos - 1 > int(free.sum()) - 1:
+            if n_cos > n_free:
                 continue
-            h_list = sorted(h_set)
-            chi = np.array([1.0 if h in k_set else -1.0 for h in h_list])
+            # scores of every coset at once: sum_eta chi(eta) S_{r_c eta}[:, u]
+            score = np.einsum("e,cej->cj", chi, column[elems])
             units, gauge = [u], [1.0]
-            total = float(sum(chi[t] * sims[mul[reps[0], h], u, u] for t, h in enumerate(h_list)))
+            total = float(score[0, u])
             avail = free.copy()
             avail[u] = False
+            # with signs, the unit at coset c may be the negative of the canonical one (a sign gauge t_c)
+            value = np.abs(score) if signed else score
             for c in range(1, n_cos):
-                score = sum(chi[t] * sims[mul[reps[c], h], :, u] for t, h in enumerate(h_list))
-                # with signs, the unit at coset c may be the negative of the canonical one (a sign gauge t_c)
-                value = np.abs(score) if signed else score
-                value = np.where(avail, value, -np.inf)
-                j = int(np.argmax(value))
+                j = int(np.argmax(np.where(avail, value[c], -np.inf)))
                 units.append(j)
-                gauge.append(-1.0 if (signed and score[j] < 0) else 1.0)
+                gauge.append(-1.0 if (signed and score[c, j] < 0) else 1.0)
                 avail[j] = False
-                total += float(value[j])
+                total += float(value[c, j])
             mean = total / order
             if best is None or mean > best[0] + 1e-12:
                 best = (mean, units, gauge, k_set, reps, index)
         _, units, gauge, k_set, reps, index = best
         free[units] = False
+        n_free -= len(units)
         orbits.append((units, gauge, k_set, reps, index))
     out = {}
     inv = [group.inverse_index(h) for h in range(order)]
