@@ -94,3 +94,21 @@ def test_chunked_verification_of_moved_rows_equals_the_built_rows(monkeypatch):
         want = match.verify_rows(aug, transformed_rows(aug, act), perm, scales)
         assert torch.equal(got.perm, want.perm)
         assert torch.allclose(got.scale, want.scale) and torch.allclose(got.residual, want.residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scales", ["one", "sign", "positive", "nonzero"])
+def test_zero_rows_match_in_both_dtypes(scales, dtype):
+    """Zero rows give zero keys and go to the assignment fallback; its costs must stay finite in float32 too (a guard
+    of 1e-300 rounds to 0 there)."""
+    from layerwise.algorithms import match_rows
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 9, generator=g, dtype=dtype)
+    A[[3, 7]] = 0.0
+    p = torch.randperm(20, generator=g)
+    factor = {"one": 1.0, "sign": -1.0, "positive": 3.0, "nonzero": -0.5}[scales]
+    m = match_rows(A, A[p] * factor, scales, 1e-4 if dtype == torch.float32 else 1e-8)
+    assert torch.isfinite(m.residual).all() and m.worst <= 1e-5
+    nonzero = A[p].norm(dim=1) > 0
+    assert torch.equal(m.perm[nonzero], p[nonzero])

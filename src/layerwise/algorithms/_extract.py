@@ -18,6 +18,7 @@ from torch import nn
 
 from .._errors import LayerwiseError
 from .._memory import empty
+from .._numeric import at_least_tiny
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
@@ -185,15 +186,15 @@ def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float, sketches: list[S
             choice = nearest_keys(ka, kb) if n else torch.zeros(0, dtype=torch.long, device=device)
             if n and torch.unique(choice).numel() != n:
                 return None
-            gap = (kb - ka[choice]).norm(dim=1) / torch.maximum(kb.norm(dim=1), ka[choice].norm(dim=1)).clamp_min(
-                1e-300)
+            gap = (kb - ka[choice]).norm(dim=1) / at_least_tiny(
+                torch.maximum(kb.norm(dim=1), ka[choice].norm(dim=1)))
             worst = float(gap.max()) if n else 0.0
             if not worst <= 10 * tol:
                 return None
             dot = (pa[choice] * pb).sum(1)
             s = {"one": torch.ones_like(dot), "sign": torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)}.get(scales)
             if s is None:  # proportional rows: the ratio of their projections
-                s = dot / (pa[choice] * pa[choice]).sum(1).clamp_min(1e-300)
+                s = dot / at_least_tiny((pa[choice] * pa[choice]).sum(1))
             mult, off = blk.family.latent(s.double())
             prev = LatentAction(choice, mult, off, dtype=net.dtype)
             actions[i][name] = prev
@@ -219,15 +220,17 @@ def extend_to_group(group: FiniteGroup, gens: dict[str, LatentAction]) -> tuple[
 
 
 def _sign_gauge(acts: list[LatentAction]) -> torch.Tensor:
-    """Per-unit signs ``t`` making as many multipliers positive as the cocycle allows, from the latent actions of
-    every group element (a homomorphism: the relations were checked).
+    """Per-unit signs ``t`` for the canonical move, from the latent actions of every group element (a homomorphism:
+    the relations were checked).
 
     After flipping units ``t_j = -1`` the multiplier of unit ``i`` under ``h`` becomes
     ``t_i sign(mult_h[i]) t_{perm_h[i]}``. In each orbit, with root ``r`` its smallest unit, every unit ``i`` takes
-    the sign that makes it +1 for the first element ``h`` with ``perm_h[i] = r`` (a spanning star of the orbit);
-    what is left is the holonomy of the cocycle, which no choice removes (a unit on which its stabilizer acts by a
-    nontrivial character stays negated). Vectorized over units: one pass over the group elements for the roots,
-    one for the signs.
+    the sign that makes it +1 for the first element ``h`` with ``perm_h[i] = r`` (a spanning star of the orbit).
+    Signs that are a coboundary (hidden by a choice of unit signs) disappear completely; what is left is the
+    cocycle's holonomy, which no choice removes (its stabilizer acts on such a unit by a nontrivial character).
+    Which generators carry those unavoidable signs depends on the star, so it is a valid gauge, not the one that
+    minimizes negative generator multipliers. Vectorized over units: one pass over the group elements for the
+    roots, one for the signs.
     """
     roots = acts[0].perm.clone()
     for a in acts[1:]:

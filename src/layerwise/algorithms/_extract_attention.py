@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._numeric import at_least_tiny
 from ..group import MAX_GROUP_ORDER, FiniteGroup, token_group
 from ..hidden import HeadAction, LatentAction
 from ..layers import AttentionBlock, DenseBlock, TokenNet, parse_tokens
@@ -145,9 +146,9 @@ def _notes(net: TokenNet, tol: float) -> list[str]:
         if isinstance(blk, DenseBlock):
             w = blk.aug.double()
             cols = _outgoing(net, i).double().norm(dim=0)
-            dead = torch.nonzero(cols <= tol * cols.max().clamp_min(1e-300)).flatten().tolist()
+            dead = torch.nonzero(cols <= tol * at_least_tiny(cols.max())).flatten().tolist()
             rows = w[:, :-1].norm(dim=1)
-            const = torch.nonzero(rows <= tol * w.norm(dim=1).max().clamp_min(1e-300)).flatten().tolist()
+            const = torch.nonzero(rows <= tol * at_least_tiny(w.norm(dim=1).max())).flatten().tolist()
             dups, _, _ = duplicate_units(w, torch.ones(w.shape[0], dtype=torch.bool), blk.family.scales, tol)
             for label, units in (("dead (no outgoing weight)", dead), ("constant (no incoming weight)", const),
                                  ("duplicated", dups.tolist())):

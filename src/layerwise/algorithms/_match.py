@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .._numeric import at_least_tiny
 from ..hidden import SCALE_GROUPS
 
 #: Key length: with the sign direction, 16 columns, which matrix kernels multiply 2-3x faster than 9 (measured on
@@ -56,7 +57,7 @@ def canonical_keys(proj: torch.Tensor, scales: str) -> torch.Tensor:
     if scales in ("sign", "nonzero"):
         factor = torch.where(proj[:, 0] >= 0, 1.0, -1.0).to(proj.dtype)
     if scales in ("positive", "nonzero"):
-        factor = factor / torch.linalg.vector_norm(key, dim=1).clamp_min(1e-300)
+        factor = factor / at_least_tiny(torch.linalg.vector_norm(key, dim=1))
     return key * factor[:, None]
 
 
@@ -83,7 +84,8 @@ class Sketch:
 
     def select(self, rows: torch.Tensor | None, cols: torch.Tensor | None) -> Sketch:
         """The sketch of ``rows[rows][:, cols]`` where the dropped columns are zero (so no projection changes)."""
-        return Sketch(self.dirs if cols is None else self.dirs[cols], self.proj if rows is None else self.proj[rows])
+        return Sketch(self.dirs if cols is None else self.dirs[cols],
+                      self.proj.clone() if rows is None else self.proj[rows])  # never shared: zero_rows writes
 
 
 def row_keys(rows: torch.Tensor, scales: str, seed: int) -> torch.Tensor:
@@ -112,14 +114,14 @@ def best_scale(a: torch.Tensor, b: torch.Tensor, scales: str) -> torch.Tensor:
     dot = torch.linalg.vecdot(a, b)
     if scales == "sign":
         return torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)
-    return _magnitude(dot / torch.linalg.vecdot(a, a).clamp_min(1e-300), scales)
+    return _magnitude(dot / at_least_tiny(torch.linalg.vecdot(a, a)), scales)
 
 
 def _magnitude(s: torch.Tensor, scales: str) -> torch.Tensor:
     """A least-squares factor made an element of the positive or nonzero scale group (never exactly zero)."""
     if scales == "positive":
-        return s.clamp_min(1e-300)
-    return torch.where(s == 0, 1e-300, s)
+        return at_least_tiny(s)
+    return torch.where(s == 0, torch.finfo(s.dtype).tiny, s)
 
 
 def scale_from_cosine(cos: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, scales: str) -> torch.Tensor:
@@ -129,14 +131,14 @@ def scale_from_cosine(cos: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Ten
         return torch.ones_like(cos)
     if scales == "sign":
         return torch.where(cos >= 0, 1.0, -1.0).to(cos.dtype)
-    return _magnitude(cos * norm_b / norm_a.clamp_min(1e-300), scales)
+    return _magnitude(cos * norm_b / at_least_tiny(norm_a), scales)
 
 
 def row_residual(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Relative row residual ``|b - s a| / max(|b|, |s a|)``."""
     err = torch.linalg.vector_norm(torch.addcmul(b, a, s[:, None], value=-1.0), dim=1)
     den = torch.maximum(torch.linalg.vector_norm(b, dim=1), s.abs() * torch.linalg.vector_norm(a, dim=1))
-    return err / den.clamp_min(1e-300)
+    return err / at_least_tiny(den)
 
 
 def scaled_residual(A: torch.Tensor, B, perm: torch.Tensor, scales: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +167,11 @@ def _cost(a: torch.Tensor, b: torch.Tensor, scales: str) -> np.ndarray:
     elif scales == "sign":
         res2 = nb2 + na2 - 2 * gram.abs()
     elif scales == "positive":
-        res2 = nb2 - gram.clamp_min(0) ** 2 / na2.clamp_min(1e-300)
+        res2 = nb2 - gram.clamp_min(0) ** 2 / at_least_tiny(na2)
     else:
-        res2 = nb2 - gram**2 / na2.clamp_min(1e-300)
+        res2 = nb2 - gram**2 / at_least_tiny(na2)
     den = nb2 if scales in ("positive", "nonzero") else torch.maximum(nb2, na2)
-    return (res2.clamp_min(0) / den.clamp_min(1e-300)).sqrt().cpu().numpy()
+    return (res2.clamp_min(0) / at_least_tiny(den)).sqrt().cpu().numpy()
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._numeric import at_least_tiny
 from .._oracle import _check_inputs, _eval_mode
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import ActivationFamily
@@ -80,7 +81,7 @@ def _fit_factors(zg: torch.Tensor, zp: torch.Tensor, family: ActivationFamily, s
     if family.scales == "one":
         return torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     dot = (zg * zp).sum(0)
-    nn2 = (zp * zp).sum(0).clamp_min(1e-300)
+    nn2 = at_least_tiny((zp * zp).sum(0))
     if family.scales == "sign":
         return torch.where(dot < 0, -1.0, 1.0).double(), torch.zeros(n, dtype=torch.float64)
     c = dot / nn2

@@ -17,6 +17,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .._memory import empty
+from .._numeric import at_least_tiny
 from ..layers import DenseNet
 from ._match import _WINDOW, Sketch, _chunks, best_scale, row_residual
 
@@ -117,7 +118,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.
     if colsq[i] is None:
         colsq[i] = _column_sumsq(nxt.weight)
     cs = colsq[i]
-    scale = cs[live].max().clamp_min(1e-300)
+    scale = at_least_tiny(cs[live].max())
     low = torch.nonzero(live & (cs <= _RECHECK * scale)).flatten()
     if low.numel():
         cs[low] = nxt.weight[:, low].square().sum(0)
@@ -125,7 +126,7 @@ def _reduce_layer(net: DenseNet, i: int, rep: LayerReduction, alive: list[torch.
     dead = (cs <= tol * tol * scale) & live
     if full:
         # (b) constant: no incoming weight; sigma(b_j) goes into the next bias
-        row_scale = torch.linalg.vector_norm(aug, dim=1).max().clamp_min(1e-300)
+        row_scale = at_least_tiny(torch.linalg.vector_norm(aug, dim=1).max())
         const = (blk.weight.norm(dim=1) <= tol * row_scale) & live & ~dead
     else:
         const = torch.zeros_like(dead)
@@ -214,7 +215,7 @@ def reduce_to_submodel(net: DenseNet, tol: float, *, inplace: bool = False,
         net: parsed network (not modified, unless ``inplace``: then its arrays are reused, which saves a copy of
             every weight when the caller has no further use for it).
         sketches: a list to fill with one :class:`~layerwise.algorithms._match.Sketch` per hidden layer of the
-            reduced network (its rows' key projections and norms), for the first extraction sweep to reuse.
+            reduced network (its rows' key projections and their directions), for the first extraction sweep.
         tol: relative tolerance: a weight vector is zero when its norm is at most ``tol`` times the largest in
             its layer; two rows are duplicates when their relative residual under the best allowed factor is at
             most ``tol``.

@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import nn
 
+from .._numeric import at_least_tiny
 from ._reduce import LayerReduction, duplicate_units
 
 
@@ -82,7 +83,7 @@ def reduce_cnn(folded: nn.Sequential, families: list, tol: float) -> tuple[nn.Se
             b = cur.bias.detach().double() if cur.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
             out = nxt.weight.detach().double().transpose(0, 1).reshape(w.shape[0], -1)  # outgoing slice per unit
             norms = out.norm(dim=1)
-            keep = norms > tol * norms.max().clamp_min(1e-300)
+            keep = norms > tol * at_least_tiny(norms.max())
             rep = reports[k]
             for c in torch.nonzero(~keep).flatten().tolist():
                 rep.dead.append(rep.kept[c])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._numeric import at_least_tiny
 from .._oracle import _check_inputs, _eval_mode
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
@@ -205,7 +206,7 @@ def symmetrize(
     if balance:
         for i, blk in enumerate(net.hidden):
             if blk.family.homogeneous and blk.width:
-                net.transport(i, 1.0 / blk.aug.norm(dim=1).clamp_min(1e-300))
+                net.transport(i, 1.0 / at_least_tiny(blk.aug.norm(dim=1)))
     alignments = align_network(net, group, data)
     out = _average(net, group, alignments).to_module()
     return (out, alignments) if return_alignment else out

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import LayerwiseError
+from .._numeric import at_least_tiny
 from ..group import MAX_GROUP_ORDER, FiniteGroup, generator_pairs
 from ..hidden import ActivationFamily, LatentAction, family_of
 from ..layers._conv import SPATIAL, _check_conv, fold_batchnorm, spatial_permutation
@@ -187,7 +188,7 @@ def symmetrize_cnn(
         for s, nxt in zip(affine, affine[1:]):
             if s.family is not None and s.family.homogeneous:
                 w, b = params[s.index]
-                norm = torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(1) + b.pow(2)).clamp_min(1e-300)
+                norm = at_least_tiny(torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(1) + b.pow(2)))
                 params[s.index] = [w / norm.view(-1, *([1] * (w.ndim - 1))), b / norm]
                 mult = (1 / norm) ** s.family.power
                 nw = params[nxt.index][0]
