@@ -50,24 +50,26 @@ WEIGHT_TIEBREAK = 1e-2
 STATS_BATCH = 4096
 
 
-def activation_statistics(net: DenseNet, group: FiniteGroup, data: torch.Tensor,
-                          batch_size: int = STATS_BATCH) -> list[list[np.ndarray]]:
-    """Per hidden layer and group element ``h``, the correlation matrix ``S_h[j, i] = corr(f(h x)_j, f(x)_i)``
-    over ``data``, accumulated in batches (one pass, memory independent of the number of samples)."""
-    stats = [[CorrelationStats() for _ in range(group.order)] for _ in net.hidden]
+def activation_statistics(net: DenseNet, group: FiniteGroup, data: torch.Tensor, batch_size: int = STATS_BATCH,
+                          elements: list[int] | None = None) -> list[dict[int, np.ndarray]]:
+    """Per hidden layer and group element ``h`` (those in ``elements``, default all), the correlation matrix
+    ``S_h[j, i] = corr(f(h x)_j, f(x)_i)`` over ``data``, accumulated in batches (one pass, memory independent of
+    the number of samples). Returns one ``{h: S_h}`` per hidden layer."""
+    elements = list(range(group.order)) if elements is None else list(elements)
+    stats = [{h: CorrelationStats() for h in elements} for _ in net.hidden]
     ref = net.blocks[0].aug
-    mats = [torch.as_tensor(group.rho_in[h].T, dtype=ref.dtype, device=ref.device) for h in range(group.order)]
+    mats = {h: torch.as_tensor(group.rho_in[h].T, dtype=ref.dtype, device=ref.device) for h in elements}
     flat = data.reshape(data.shape[0], -1).to(device=ref.device, dtype=ref.dtype)
     if flat.shape[1] != group.rho_in.shape[1]:
         raise LayerwiseError(f"data: {flat.shape[1]} features per sample, the model takes {group.rho_in.shape[1]}")
     with torch.no_grad():
         for batch in flat.split(batch_size):
             base = _hidden(net, batch)
-            for h in range(group.order):
+            for h in elements:
                 moved = base if h == 0 else _hidden(net, batch @ mats[h])
                 for i, (z, zh) in enumerate(zip(base, moved)):
                     stats[i][h].update(z, zh)
-    return [[s.correlation() for s in layer] for layer in stats]
+    return [{h: s.correlation() for h, s in layer.items()} for layer in stats]
 
 
 def align_network(
@@ -81,20 +83,21 @@ def align_network(
     that are (nearly) inactive on the data and so have no informative correlation.
     """
     out: list[LayerAlignment] = []
-    corr = activation_statistics(net, group, data) if data is not None else None
+    # an involution's matching reads only the generator's similarities; larger groups read every element's
+    needed = [group.generator_index(group.names[0])] if group.order == 2 else list(range(group.order))
+    corr = activation_statistics(net, group, data, elements=needed) if data is not None else None
     device = net.blocks[0].aug.device
     prev: list[LatentAction | torch.Tensor] = [torch.as_tensor(group.rho_in[h], device=device)
                                                for h in range(group.order)]
     for i, blk in enumerate(net.hidden):
-        # an involution's matching reads only the generator's rows; larger groups read every element's
-        needed = [group.generator_index(group.names[0])] if group.order == 2 else list(range(group.order))
         moved = {h: transformed_rows(blk.aug, prev[h]) for h in needed}
         sims = np.zeros((group.order, blk.width, blk.width), dtype=np.float32 if net.dtype == torch.float32 else None)
         for h in needed:
             sims[h] = weight_similarity(blk.aug, moved[h])
         cosines = {h: sims[h] for h in needed} if corr is None else {h: sims[h].copy() for h in needed}
         if corr is not None:
-            sims = (WEIGHT_TIEBREAK * sims + np.stack(corr[i])) / (1 + WEIGHT_TIEBREAK)
+            for h in needed:
+                sims[h] = (WEIGHT_TIEBREAK * sims[h] + corr[i][h]) / (1 + WEIGHT_TIEBREAK)
         al = consistent_actions(sims, group, blk.family, net.dtype)
         out.append(al)
         scaled = {name: chain_action(blk, moved[h], act.perm, pre.scale, cosines[h])
