@@ -62,13 +62,14 @@ def _near_pairs(rows: torch.Tensor, scales: str, tol: float, live: torch.Tensor 
         return none, none, rows.new_zeros(0)
     order = torch.argsort(keys[:, 0])
     key_scale = keys.norm(dim=1)
-    cand_j, cand_k = [], []
-    for off in range(1, min(2 * _WINDOW, n - 1) + 1):
-        j, k = order[off:], order[:-off]
-        close = (keys[j] - keys[k]).norm(dim=1) <= 10 * tol * (key_scale[j] + key_scale[k]) + 1e-300
-        cand_j.append(j[close])
-        cand_k.append(k[close])
-    j, k = torch.cat(cand_j), torch.cat(cand_k)
+    # every row against the next 2 * _WINDOW rows in key order, all offsets at once
+    pos = torch.arange(n, device=keys.device)[:, None] + torch.arange(1, min(2 * _WINDOW, n - 1) + 1,
+                                                                         device=keys.device)[None, :]
+    inside = pos < n
+    j = order[pos.clamp(max=n - 1)]  # (n, window)
+    k = order[:, None].expand_as(j)
+    close = inside & ((keys[j] - keys[k]).norm(dim=2) <= 10 * tol * (key_scale[j] + key_scale[k]) + 1e-300)
+    j, k = j[close], k[close]
     if not j.numel():
         return none, none, rows.new_zeros(0)
     if live is not None:
