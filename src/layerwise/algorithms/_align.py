@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .._numeric import at_least_tiny
 from ..group import FiniteGroup
 from ..hidden import ActivationFamily, LatentAction
 
@@ -46,9 +47,8 @@ def activation_similarity(z: torch.Tensor, zg: torch.Tensor) -> np.ndarray:
 def weight_similarity(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """``S[j, i]`` = cosine of row ``j`` of ``b`` (transformed weights) with row ``i`` of ``a``, in the weights'
     dtype (float32 cosines decide an assignment as well as float64 ones, at twice the speed)."""
-    tiny = torch.finfo(a.dtype).tiny
-    inv_a = 1.0 / torch.linalg.vector_norm(a, dim=1).clamp_min(tiny)
-    inv_b = 1.0 / torch.linalg.vector_norm(b, dim=1).clamp_min(tiny)
+    inv_a = 1.0 / at_least_tiny(torch.linalg.vector_norm(a, dim=1))
+    inv_b = 1.0 / at_least_tiny(torch.linalg.vector_norm(b, dim=1))
     sim = b @ a.T
     sim *= inv_b[:, None]  # scaling the n x n product in place: no normalized copies of the n x d rows
     sim *= inv_a[None, :]

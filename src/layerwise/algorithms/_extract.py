@@ -22,7 +22,7 @@ from .._numeric import at_least_tiny
 from ..group import MAX_GROUP_ORDER, FiniteGroup
 from ..hidden import LatentAction
 from ..layers import DenseNet, parse_dense
-from ._match import Sketch, _chunks, canonical_keys, match_rows, nearest_keys, verify_rows
+from ._match import Sketch, best_scale, canonical_keys, chunk_rows, match_rows, nearest_keys, verify_rows
 from ._reduce import LayerReduction, reduce_to_submodel
 
 #: Certificate tolerance on the worst relative residual, by the model's dtype.
@@ -82,7 +82,7 @@ def _verify_moved(aug: torch.Tensor, prev, perm: torch.Tensor, scales: str):
     if not isinstance(prev, LatentAction):
         return verify_rows(aug, transformed_rows(aug, prev), perm, scales)
     mover = _Mover(prev, aug)
-    step = next(iter(_chunks(aug.shape[0], aug.shape[1], aug.element_size()))).stop if aug.shape[0] else 0
+    step = min(aug.shape[0], chunk_rows(aug.shape[1], aug.element_size()))
     buf = torch.empty(step, aug.shape[1], dtype=aug.dtype, device=aug.device)
     return verify_rows(aug, lambda sl: mover(aug[sl], out=buf[: sl.stop - sl.start]), perm, scales)
 
@@ -191,10 +191,7 @@ def _quick_sweep(net: DenseNet, group: FiniteGroup, tol: float, sketches: list[S
             worst = float(gap.max()) if n else 0.0
             if not worst <= 10 * tol:
                 return None
-            dot = (pa[choice] * pb).sum(1)
-            s = {"one": torch.ones_like(dot), "sign": torch.where(dot >= 0, 1.0, -1.0).to(dot.dtype)}.get(scales)
-            if s is None:  # proportional rows: the ratio of their projections
-                s = dot / at_least_tiny((pa[choice] * pa[choice]).sum(1))
+            s = best_scale(pa[choice], pb, scales)  # proportional rows have proportional projections
             mult, off = blk.family.latent(s.double())
             prev = LatentAction(choice, mult, off, dtype=net.dtype)
             actions[i][name] = prev

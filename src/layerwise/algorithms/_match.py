@@ -27,8 +27,13 @@ _WINDOW = 4
 _CHUNK_BYTES = 1 << 20
 
 
+def chunk_rows(d: int, itemsize: int) -> int:
+    """Rows of ``d`` items per chunk (at least one)."""
+    return max(1, _CHUNK_BYTES // max(1, d * itemsize))
+
+
 def _chunks(n: int, d: int, itemsize: int):
-    step = max(1, _CHUNK_BYTES // max(1, d * itemsize))
+    step = chunk_rows(d, itemsize)
     for i in range(0, n, step):
         yield slice(i, min(n, i + step))
 

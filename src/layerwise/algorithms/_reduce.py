@@ -68,7 +68,7 @@ def _near_pairs(rows: torch.Tensor, scales: str, tol: float, live: torch.Tensor 
     inside = pos < n
     j = order[pos.clamp(max=n - 1)]  # (n, window)
     k = order[:, None].expand_as(j)
-    close = inside & ((keys[j] - keys[k]).norm(dim=2) <= 10 * tol * (key_scale[j] + key_scale[k]) + 1e-300)
+    close = inside & ((keys[j] - keys[k]).norm(dim=2) <= 10 * tol * (key_scale[j] + key_scale[k]))
     j, k = j[close], k[close]
     if not j.numel():
         return none, none, rows.new_zeros(0)
